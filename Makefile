@@ -1,0 +1,42 @@
+# Two commands do everything on a machine with python3 and make:
+#   make serve   build the environment and the demo catalog if missing, serve on 127.0.0.1:8000
+#   make test    build the environment if missing, lint, run the whole test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEMO_DIR ?= data/demo
+DEMO := $(DEMO_DIR)/items.parquet
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: setup serve test lint demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: $(DEMO)
+
+$(DEMO): | $(STAMP)
+	$(BIN)/terrazzo demo -o $(DEMO_DIR)
+
+serve: $(STAMP) $(DEMO)
+	$(BIN)/terrazzo serve --catalog $(DEMO) --host $(HOST) --port $(PORT)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/pytest -q
+
+bench: $(STAMP) $(DEMO)
+	$(BIN)/python bench/tiles.py --catalog $(DEMO)
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .ruff_cache

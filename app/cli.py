@@ -1,0 +1,137 @@
+"""The `terrazzo` command line: serve, index, demo, plan."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_DEMO_DIR = Path(os.environ.get("TERRAZZO_DEMO_DIR", "data/demo"))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.main import create_app
+    from core.settings import Settings
+
+    overrides = {
+        k: v
+        for k, v in (("catalog", args.catalog), ("host", args.host), ("port", args.port))
+        if v is not None
+    }
+    settings = Settings(**overrides)
+    if settings.catalog is None:
+        print(
+            "terrazzo serve: no catalog; pass --catalog PATH or set TERRAZZO_CATALOG",
+            file=sys.stderr,
+        )
+        return 2
+    print("terrazzo settings:", json.dumps(settings.model_dump(mode="json")), flush=True)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    from core.indexing import index_items
+
+    count = index_items(Path(args.source), Path(args.output), row_group_size=args.row_group_size)
+    print(f"wrote {count} items to {args.output}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from core.demo import build_demo
+
+    out = Path(args.output)
+    catalog = out / "items.parquet"
+    if catalog.exists() and not args.force:
+        print(f"demo catalog already at {catalog} (use --force to rebuild)")
+        return 0
+    print(f"demo catalog written to {build_demo(out, size=args.size)}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from core.catalog import SearchQuery, parse_datetime_range
+    from core.engine import Engine, ReadParams
+    from core.plan import tile_grid
+    from core.settings import Settings
+
+    z, x, y = (int(v) for v in args.tile.split("/"))
+    settings = Settings(**({"catalog": args.catalog} if args.catalog else {}))
+    engine = Engine(settings)
+    try:
+        grid = tile_grid(args.tms, z, x, y, args.tilesize)
+        query = SearchQuery(datetime=parse_datetime_range(args.datetime) if args.datetime else None)
+        params = ReadParams(
+            assets=tuple(a for a in (args.assets or "").split(",") if a),
+            method=args.method,
+            resampling=args.resampling,
+        )
+        plan = asyncio.run(engine.plan(grid, query, params))
+        print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.describe())
+    finally:
+        engine.close()
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="terrazzo", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="Serve tiles and chunks for a STAC-GeoParquet catalog.")
+    s.add_argument("--catalog", help="STAC-GeoParquet file (env TERRAZZO_CATALOG).")
+    s.add_argument("--host", help="Address to bind (default 127.0.0.1).")
+    s.add_argument("--port", type=int, help="Port (default 8000).")
+    s.set_defaults(run=_serve)
+
+    i = sub.add_parser(
+        "index",
+        help="Turn STAC items (JSON, NDJSON, ItemCollection) into "
+        "STAC-GeoParquet laid out for fast search.",
+    )
+    i.add_argument("source", help="Items file: .json (Item/ItemCollection) or .ndjson.")
+    i.add_argument("-o", "--output", required=True, help="Parquet file to write.")
+    i.add_argument(
+        "--row-group-size",
+        type=int,
+        default=5000,
+        help="Rows per row group (small groups prune better on bbox).",
+    )
+    i.set_defaults(run=_index)
+
+    d = sub.add_parser("demo", help="Write the demo catalog: real COGs in three UTM zones.")
+    d.add_argument("-o", "--output", default=str(DEFAULT_DEMO_DIR), help="Directory.")
+    d.add_argument("--size", type=int, default=1024, help="Pixels per image side.")
+    d.add_argument("--force", action="store_true", help="Rebuild even if present.")
+    d.set_defaults(run=_demo)
+
+    pl = sub.add_parser("plan", help="Print the read plan of a tile: items, levels, windows.")
+    pl.add_argument("tile", help="z/x/y")
+    pl.add_argument("--catalog", help="STAC-GeoParquet file (env TERRAZZO_CATALOG).")
+    pl.add_argument("--tms", default="WebMercatorQuad")
+    pl.add_argument("--tilesize", type=int, default=256)
+    pl.add_argument("--assets", help="Comma-separated asset names.")
+    pl.add_argument("--datetime")
+    pl.add_argument("--method", default="first")
+    pl.add_argument("--resampling", default="nearest")
+    pl.add_argument("--json", action="store_true", help="Print the plan as JSON.")
+    pl.set_defaults(run=_plan)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"terrazzo {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Encoders: a mosaic (data, validity) to image bytes — PNG, JPEG, WebP, NPY, GeoTIFF.
+
+Post-processing follows TiTiler: `rescale` maps each band's min,max to 0..255 (uint8), a
+`colormap_name` colours a single band, and npy returns the data bands followed by the mask band
+(0 = no data, 255 = data). These are plain functions so the compute pool can run them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from rio_tiler.colormap import cmap
+from rio_tiler.utils import linear_rescale, render
+
+FORMATS = {
+    "png": ("PNG", "image/png"),
+    "jpeg": ("JPEG", "image/jpeg"),
+    "jpg": ("JPEG", "image/jpeg"),
+    "webp": ("WEBP", "image/webp"),
+    "npy": ("NPY", "application/x-binary"),
+    "tif": ("GTiff", "image/tiff; application=geotiff"),
+}
+_EIGHT_BIT_ONLY = ("jpeg", "jpg", "webp")
+
+
+class EncodeError(ValueError):
+    """Data that the requested format cannot carry; the message says how to fix the request."""
+
+
+def colormap_names() -> list[str]:
+    return sorted(cmap.list())
+
+
+def check_colormap(name: str | None) -> None:
+    if name is not None and name not in cmap.list():
+        raise EncodeError(f"colormap_name: unknown {name!r}; e.g. viridis, terrain, gray")
+
+
+def apply_rescale(data: np.ndarray, rescale: Sequence[tuple[float, float]]) -> np.ndarray:
+    """Stretch band i from rescale[i] (the last range repeats) to 0..255 uint8."""
+    out = np.empty(data.shape, dtype="uint8")
+    for band in range(data.shape[0]):
+        lo, hi = rescale[min(band, len(rescale) - 1)]
+        stretched = linear_rescale(data[band].astype("float64"), in_range=(lo, hi))
+        out[band] = np.clip(stretched, 0, 255).astype("uint8")
+    return out
+
+
+def encode(
+    data: np.ndarray,
+    valid: np.ndarray,
+    fmt: str,
+    *,
+    rescale: Sequence[tuple[float, float]] = (),
+    colormap_name: str | None = None,
+    crs: str | None = None,
+    transform: tuple[float, ...] | None = None,
+) -> bytes:
+    """Render one tile. Raises EncodeError when the format cannot hold the data as asked."""
+    if rescale:
+        data = apply_rescale(data, rescale)
+    colormap = None
+    if colormap_name:
+        if data.shape[0] != 1:
+            raise EncodeError(
+                f"colormap_name: a colormap needs one band, the tile has {data.shape[0]}; "
+                "pick one with bidx"
+            )
+        if data.dtype != np.uint8:
+            raise EncodeError("colormap_name: colormaps need 8-bit data; add rescale=min,max")
+        colormap = cmap.get(colormap_name)
+    if fmt in _EIGHT_BIT_ONLY and data.dtype != np.uint8:
+        raise EncodeError(
+            f"format: {fmt} holds 8-bit data only and the tile is {data.dtype}; "
+            "add rescale=min,max or ask for png, npy or tif"
+        )
+    if fmt == "png" and data.dtype not in (np.uint8, np.uint16):
+        raise EncodeError(
+            f"format: png holds 8- or 16-bit integers and the tile is {data.dtype}; "
+            "add rescale=min,max or ask for npy or tif"
+        )
+    driver, _ = FORMATS[fmt]
+    mask = np.where(valid, 255, 0).astype("uint8")
+    options: dict[str, object] = {}
+    if driver == "GTiff" and crs and transform:
+        from affine import Affine
+
+        options = {"crs": crs, "transform": Affine(*transform[:6])}
+    return render(data, mask=mask, img_format=driver, colormap=colormap, **options)

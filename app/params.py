@@ -1,0 +1,104 @@
+"""Request models: query parameters in TiTiler's spelling, turned into engine objects.
+
+Lists accept both TiTiler forms: repeated (`assets=a&assets=b`) and comma-separated
+(`assets=a,b`). Every check raises a ParamError whose message names the parameter to fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Query
+
+from app.encoders import check_colormap
+from core.catalog import SearchQuery, parse_datetime_range
+from core.engine import ParamError, ReadParams
+
+
+def _split(values: list[str] | None) -> tuple[str, ...]:
+    out: list[str] = []
+    for value in values or []:
+        out += [v.strip() for v in value.split(",") if v.strip()]
+    return tuple(out)
+
+
+def _numbers(name: str, values: tuple[str, ...], kind: type) -> tuple:
+    try:
+        return tuple(kind(v) for v in values)
+    except ValueError as exc:
+        raise ParamError(f"{name}: expected {kind.__name__} values, got {list(values)}") from exc
+
+
+@dataclass(frozen=True)
+class RenderParams:
+    rescale: tuple[tuple[float, float], ...] = ()
+    colormap_name: str | None = None
+
+
+def search_query(
+    datetime: str | None = Query(
+        None, description="RFC 3339 instant or interval `start/end` ('..' = open)."
+    ),
+    collections: list[str] | None = Query(None, description="Collection ids (comma-separated)."),
+    ids: list[str] | None = Query(None, description="Item ids (comma-separated)."),
+    sortby: str | None = Query(
+        None, description="Mosaic order, e.g. `-datetime` (default: newest on top)."
+    ),
+) -> SearchQuery:
+    return SearchQuery(
+        datetime=parse_datetime_range(datetime) if datetime else None,
+        collections=_split(collections),
+        ids=_split(ids),
+        sortby=tuple(s for s in (sortby or "-datetime").split(",") if s.strip()),
+    )
+
+
+def read_params(
+    assets: list[str] | None = Query(
+        None, description="Assets to read (default: the catalog's first image asset)."
+    ),
+    bidx: list[str] | None = Query(None, description="1-based band indexes of the output."),
+    method: str | None = Query(
+        None,
+        description="Pixel selection: first, last, highest, lowest, mean, median, stdev, count.",
+    ),
+    pixel_selection: str | None = Query(None, description="Alias of `method` (TiTiler)."),
+    resampling: str = Query("nearest", description="nearest, bilinear, cubic or average."),
+    nodata: str | None = Query(None, description="Override the files' nodata value."),
+) -> ReadParams:
+    nodata_value = None
+    if nodata is not None:
+        try:
+            nodata_value = float(nodata)
+        except ValueError as exc:
+            raise ParamError(f"nodata: expected a number or 'nan', got {nodata!r}") from exc
+    return ReadParams(
+        assets=_split(assets),
+        bidx=_numbers("bidx", _split(bidx), int),
+        method=(method or pixel_selection or "first").lower(),
+        resampling=resampling.lower(),
+        nodata=nodata_value,
+    )
+
+
+def render_params(
+    rescale: list[str] | None = Query(
+        None, description="`min,max` to stretch to 0..255; repeat once per band."
+    ),
+    colormap_name: str | None = Query(None, description="Colormap for one band, e.g. viridis."),
+) -> RenderParams:
+    ranges = []
+    for value in rescale or []:
+        parts = value.split(",")
+        try:
+            lo, hi = (float(p) for p in parts)
+        except ValueError as exc:
+            raise ParamError(f"rescale: expected 'min,max' numbers, got {value!r}") from exc
+        if not hi > lo:
+            raise ParamError(f"rescale: max must be greater than min in {value!r}")
+        ranges.append((lo, hi))
+    try:
+        check_colormap(colormap_name)
+    except ValueError as exc:
+        raise ParamError(str(exc)) from exc
+    return RenderParams(rescale=tuple(ranges), colormap_name=colormap_name)

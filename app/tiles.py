@@ -1,0 +1,163 @@
+"""Tile routes: GET /tiles/{tms}/{z}/{x}/{y}[.{format}] and the read plan behind a tile."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+
+from app.encoders import FORMATS, encode
+from app.params import RenderParams, read_params, render_params, search_query
+from core.catalog import SearchQuery
+from core.engine import Engine, ParamError, ReadParams
+from core.plan import tile_grid
+
+router = APIRouter(tags=["tiles"])
+DEFAULT_TMS = "WebMercatorQuad"
+
+Z = Annotated[int, Path(description="Zoom level", ge=0)]
+X = Annotated[int, Path(description="Tile column", ge=0)]
+Y = Annotated[int, Path(description="Tile row", ge=0)]
+Tilesize = Annotated[int, Query(ge=1, description="Output tile width and height in pixels.")]
+
+
+def _engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+async def _tile(
+    engine: Engine,
+    tms: str,
+    z: int,
+    x: int,
+    y: int,
+    fmt: str | None,
+    tilesize: int,
+    query: SearchQuery,
+    params: ReadParams,
+    render: RenderParams,
+) -> Response:
+    if fmt is not None and fmt not in FORMATS:
+        raise ParamError(f"format: unknown {fmt!r}; choose one of {sorted(FORMATS)}")
+    limit = engine.settings.max_tilesize
+    if tilesize > limit:
+        raise ParamError(f"tilesize: {tilesize} is above this server's limit of {limit}")
+    grid = tile_grid(tms, z, x, y, tilesize)
+    mosaic = await engine.read(grid, query, params)
+    if mosaic is None:
+        return Response(status_code=204, headers={"Cache-Control": "no-cache"})
+    if fmt is None:
+        needs_mask = not mosaic.valid.all()
+        eight_bit = mosaic.data.dtype == np.uint8 or bool(render.rescale)
+        fmt = "jpeg" if eight_bit and not needs_mask else "png"
+    body = await engine.compute.run(
+        partial(
+            encode,
+            rescale=render.rescale,
+            colormap_name=render.colormap_name,
+            crs=grid.crs,
+            transform=tuple(grid.transform)[:6],
+        ),
+        mosaic.data,
+        mosaic.valid,
+        fmt,
+    )
+    timing = ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in mosaic.timings.items())
+    headers = {
+        "X-Terrazzo-Items": str(len(mosaic.plan.items)),
+        "Server-Timing": timing,
+    }
+    if mosaic.errors:
+        headers["X-Terrazzo-Errors"] = "; ".join(f"{i}: {e}" for i, e in mosaic.errors)[:2000]
+    if mosaic.plan.truncated:
+        headers["X-Terrazzo-Truncated"] = "item limit reached; older items left out"
+    return Response(body, media_type=FORMATS[fmt][1], headers=headers)
+
+
+@router.get("/tiles/{tileMatrixSetId}/{z}/{x}/{y}.{format}", summary="Mosaic tile in a format")
+async def tile_tms_format(
+    request: Request,
+    tileMatrixSetId: str,
+    z: Z,
+    x: X,
+    y: Y,
+    format: str,
+    tilesize: Tilesize = 256,
+    query: SearchQuery = Depends(search_query),
+    params: ReadParams = Depends(read_params),
+    render: RenderParams = Depends(render_params),
+) -> Response:
+    return await _tile(
+        _engine(request), tileMatrixSetId, z, x, y, format, tilesize, query, params, render
+    )
+
+
+@router.get("/tiles/{tileMatrixSetId}/{z}/{x}/{y}", summary="Mosaic tile")
+async def tile_tms(
+    request: Request,
+    tileMatrixSetId: str,
+    z: Z,
+    x: X,
+    y: Y,
+    format: str | None = Query(None, description="png, jpeg, webp, npy or tif."),
+    tilesize: Tilesize = 256,
+    query: SearchQuery = Depends(search_query),
+    params: ReadParams = Depends(read_params),
+    render: RenderParams = Depends(render_params),
+) -> Response:
+    return await _tile(
+        _engine(request), tileMatrixSetId, z, x, y, format, tilesize, query, params, render
+    )
+
+
+@router.get("/tiles/{z}/{x}/{y}.{format}", summary="WebMercatorQuad tile in a format")
+async def tile_format(
+    request: Request,
+    z: Z,
+    x: X,
+    y: Y,
+    format: str,
+    tilesize: Tilesize = 256,
+    query: SearchQuery = Depends(search_query),
+    params: ReadParams = Depends(read_params),
+    render: RenderParams = Depends(render_params),
+) -> Response:
+    return await _tile(
+        _engine(request), DEFAULT_TMS, z, x, y, format, tilesize, query, params, render
+    )
+
+
+@router.get("/tiles/{z}/{x}/{y}", summary="WebMercatorQuad tile")
+async def tile(
+    request: Request,
+    z: Z,
+    x: X,
+    y: Y,
+    format: str | None = Query(None, description="png, jpeg, webp, npy or tif."),
+    tilesize: Tilesize = 256,
+    query: SearchQuery = Depends(search_query),
+    params: ReadParams = Depends(read_params),
+    render: RenderParams = Depends(render_params),
+) -> Response:
+    return await _tile(
+        _engine(request), DEFAULT_TMS, z, x, y, format, tilesize, query, params, render
+    )
+
+
+@router.get("/plan/{tileMatrixSetId}/{z}/{x}/{y}", summary="The read plan behind a tile")
+async def plan(
+    request: Request,
+    tileMatrixSetId: str,
+    z: Z,
+    x: X,
+    y: Y,
+    tilesize: Tilesize = 256,
+    query: SearchQuery = Depends(search_query),
+    params: ReadParams = Depends(read_params),
+) -> dict:
+    engine = _engine(request)
+    grid = tile_grid(tileMatrixSetId, z, x, y, tilesize)
+    read_plan = await engine.plan(grid, query, params)
+    return {**read_plan.to_dict(), "text": read_plan.describe()}

@@ -1,0 +1,311 @@
+"""Search stage: DuckDB item searches over a STAC-GeoParquet file.
+
+Why this shape:
+- DuckDB runs the query without the GIL, but a connection serves one query at a time, so each
+  worker thread of a dedicated ThreadPoolExecutor holds its own cursor (thread-local).
+- Coroutines call `Catalog.search`, which hops to that pool with `loop.run_in_executor`; the event
+  loop never runs SQL.
+- The bbox struct columns give a cheap prefilter that prunes row groups of a spatially sorted
+  file; the exact footprint test (shapely on the WKB geometry) runs only on the few candidates.
+- Every user value is a bound parameter; identifiers (sort fields) are checked against the
+  file's own columns before they are quoted into SQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import shapely
+from shapely.geometry.base import BaseGeometry
+
+IMAGE_MEDIA_PREFIX = "image/tiff"
+
+
+@dataclass(frozen=True)
+class Item:
+    """The part of a STAC item the read path needs: where its pixels are and when."""
+
+    id: str
+    collection: str | None
+    datetime: dt.datetime | None
+    bbox: tuple[float, float, float, float]
+    assets: dict[str, str]  # asset name -> absolute href (relative hrefs resolved)
+    properties: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """An item search. `bbox` is lon/lat; `intersects` (lon/lat) refines it exactly."""
+
+    bbox: tuple[float, float, float, float] | None = None
+    intersects: BaseGeometry | None = None
+    datetime: tuple[dt.datetime | None, dt.datetime | None] | None = None
+    collections: tuple[str, ...] = ()
+    ids: tuple[str, ...] = ()
+    sortby: tuple[str, ...] = ("-datetime",)
+    limit: int = 100
+
+
+class SearchError(ValueError):
+    """A search parameter the catalog cannot honour (e.g. sorting by a missing column)."""
+
+
+def parse_datetime_range(value: str) -> tuple[dt.datetime | None, dt.datetime | None]:
+    """Parse a STAC/TiTiler `datetime` parameter: an instant, or `start/end` with `..` open ends.
+
+    A bare date (`2024-06-01`) means the whole day, as users expect.
+    """
+
+    def one(text: str, *, end: bool) -> dt.datetime | None:
+        text = text.strip()
+        if text in ("", ".."):
+            return None
+        try:
+            if len(text) == 10:
+                day = dt.date.fromisoformat(text)
+                moment = dt.datetime.combine(day, dt.time.max if end else dt.time.min)
+            else:
+                moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise SearchError(
+                f"datetime: {text!r} is not an RFC 3339 date or date-time "
+                "(e.g. 2024-06-01 or 2024-06-01T00:00:00Z, ranges as start/end with '..')"
+            ) from exc
+        return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+    if "/" in value:
+        start_text, end_text = value.split("/", 1)
+        start, end = one(start_text, end=False), one(end_text, end=True)
+    else:
+        start, end = one(value, end=False), one(value, end=True)
+        if start is not None and len(value.strip()) > 10:
+            end = start
+    if start and end and start > end:
+        raise SearchError(f"datetime: start {start.isoformat()} is after end {end.isoformat()}")
+    return start, end
+
+
+class Catalog:
+    """A STAC-GeoParquet file opened for concurrent searches."""
+
+    def __init__(self, path: Path | str, *, threads: int = 2) -> None:
+        self.path = Path(path).resolve()
+        if not self.path.is_file():
+            raise FileNotFoundError(f"catalog not found: {self.path}")
+        self._root = duckdb.connect(config={"threads": 1})
+        self._root.execute(
+            f"CREATE VIEW items AS SELECT * FROM read_parquet('{_sql_string(str(self.path))}')"
+        )
+        self.columns: dict[str, str] = {
+            row[0]: row[1] for row in self._root.execute("DESCRIBE items").fetchall()
+        }
+        for required in ("id", "bbox", "assets", "geometry"):
+            if required not in self.columns:
+                raise ValueError(f"{self.path} is not STAC-GeoParquet: no '{required}' column")
+        self._local = threading.local()
+        self._cursors: list[duckdb.DuckDBPyConnection] = []
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="terrazzo-search")
+        self.asset_names: tuple[str, ...] = self._asset_names()
+        self.default_assets: tuple[str, ...] = self._default_assets()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        for cursor in self._cursors:
+            cursor.close()
+        self._root.close()
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        """This thread's own cursor: a DuckDB connection runs one query at a time."""
+        cursor = getattr(self._local, "cursor", None)
+        if cursor is None:
+            with self._lock:
+                cursor = self._root.cursor()
+                self._cursors.append(cursor)
+            self._local.cursor = cursor
+        return cursor
+
+    # -- searching ---------------------------------------------------------------------------
+
+    async def search(self, query: SearchQuery) -> list[Item]:
+        """Run `query` on a search worker thread; never on the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.search_sync, query)
+
+    def search_sync(self, query: SearchQuery) -> list[Item]:
+        sql, params = self._build_sql(query)
+        # Footprints are tested exactly after SQL, so fetch a few spare rows to still fill limit.
+        rows = self._cursor().execute(sql, params).fetchall()
+        items: list[Item] = []
+        for row in rows:
+            if query.intersects is not None and row[5] is not None:
+                footprint = shapely.from_wkb(row[5])
+                if not footprint.intersects(query.intersects):
+                    continue
+            items.append(self._to_item(row))
+            if len(items) >= query.limit:
+                break
+        return items
+
+    def _build_sql(self, query: SearchQuery) -> tuple[str, list[Any]]:
+        where: list[str] = []
+        params: list[Any] = []
+        if query.bbox is not None:
+            minx, miny, maxx, maxy = query.bbox
+            where.append("bbox.xmin <= ? AND bbox.xmax >= ? AND bbox.ymin <= ? AND bbox.ymax >= ?")
+            params += [maxx, minx, maxy, miny]
+        if query.datetime is not None:
+            start, end = query.datetime
+            lo, hi = self._time_columns()
+            if start is not None:
+                where.append(f"{hi} >= ?")
+                params.append(start)
+            if end is not None:
+                where.append(f"{lo} <= ?")
+                params.append(end)
+        if query.collections:
+            where.append("collection IN (SELECT unnest(?::VARCHAR[]))")
+            params.append(list(query.collections))
+        if query.ids:
+            where.append("id IN (SELECT unnest(?::VARCHAR[]))")
+            params.append(list(query.ids))
+        props = self._property_columns()
+        select = ", ".join(
+            [
+                "id",
+                _collection_expr(self.columns),
+                _datetime_expr(self.columns),
+                "bbox",
+                "assets",
+                "geometry::BLOB",
+            ]
+            + [_quote(p) for p in props]
+        )
+        sql = f"SELECT {select} FROM items"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY " + self._order_by(query.sortby)
+        sql += f" LIMIT {int(query.limit) * 2 + 8}"
+        return sql, params
+
+    def _order_by(self, sortby: Sequence[str]) -> str:
+        terms = []
+        for key in sortby:
+            key = key.strip()
+            if not key:
+                continue
+            descending = key.startswith("-")
+            name = key.lstrip("+-")
+            name = name.removeprefix("properties.")
+            if name not in self.columns:
+                raise SearchError(
+                    f"sortby: unknown field {name!r}; sortable fields: {sorted(self.columns)}"
+                )
+            terms.append(f"{_quote(name)} {'DESC' if descending else 'ASC'} NULLS LAST")
+        terms.append("id ASC")  # a total order: the same tile is always mosaicked the same way
+        return ", ".join(terms)
+
+    def _time_columns(self) -> tuple[str, str]:
+        """Columns bounding an item's time: start/end_datetime when present, else datetime."""
+        if "start_datetime" in self.columns and "end_datetime" in self.columns:
+            return ("COALESCE(start_datetime, datetime)", "COALESCE(end_datetime, datetime)")
+        return ("datetime", "datetime")
+
+    def _property_columns(self) -> list[str]:
+        return [c for c in ("proj:code", "proj:epsg") if c in self.columns]
+
+    def _to_item(self, row: tuple[Any, ...]) -> Item:
+        item_id, collection, when, bbox, assets, _wkb, *props = row
+        names = self._property_columns()
+        return Item(
+            id=item_id,
+            collection=collection,
+            datetime=when,
+            bbox=(bbox["xmin"], bbox["ymin"], bbox["xmax"], bbox["ymax"]),
+            assets={
+                name: self.resolve_href(asset["href"])
+                for name, asset in (assets or {}).items()
+                if asset is not None and asset.get("href")
+            },
+            properties=dict(zip(names, props, strict=True)),
+        )
+
+    def resolve_href(self, href: str) -> str:
+        """Relative hrefs are relative to the catalog file's directory."""
+        if "://" in href or href.startswith("/"):
+            return href
+        return str((self.path.parent / href).resolve())
+
+    # -- summaries ---------------------------------------------------------------------------
+
+    def _asset_names(self) -> tuple[str, ...]:
+        kind = self.columns["assets"]
+        if not kind.upper().startswith("STRUCT"):
+            return ()
+        rows = self._root.execute(
+            "SELECT unnest(json_keys(to_json(assets))) FROM (SELECT assets FROM items LIMIT 1)"
+        ).fetchall()
+        return tuple(r[0] for r in rows)
+
+    def _default_assets(self) -> tuple[str, ...]:
+        """The first image asset, as TiTiler users expect when they name none."""
+        row = self._root.execute("SELECT to_json(assets) FROM items LIMIT 1").fetchone()
+        if row is None:
+            return ()
+        assets = json.loads(row[0]) or {}
+        for name, asset in assets.items():
+            if asset and str(asset.get("type") or "").startswith(IMAGE_MEDIA_PREFIX):
+                return (name,)
+        return (next(iter(assets)),) if assets else ()
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and extents, for /info-like routes and the CLI."""
+        row = self._root.execute(
+            f"SELECT count(*), min(bbox.xmin), min(bbox.ymin), max(bbox.xmax), max(bbox.ymax),"
+            f" min({_datetime_expr(self.columns)}), max({_datetime_expr(self.columns)})"
+            " FROM items"
+        ).fetchone()
+        assert row is not None
+        count, minx, miny, maxx, maxy, start, end = row
+        return {
+            "path": str(self.path),
+            "items": count,
+            "bbox": [minx, miny, maxx, maxy] if count else None,
+            "datetime": [
+                start.isoformat() if start else None,
+                end.isoformat() if end else None,
+            ],
+            "assets": list(self.asset_names),
+            "default_assets": list(self.default_assets),
+        }
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _sql_string(text: str) -> str:
+    return text.replace("'", "''")
+
+
+def _collection_expr(columns: dict[str, str]) -> str:
+    return "collection" if "collection" in columns else "NULL"
+
+
+def _datetime_expr(columns: dict[str, str]) -> str:
+    if "datetime" in columns:
+        if "start_datetime" in columns:
+            return "COALESCE(datetime, start_datetime)"
+        return "datetime"
+    return "start_datetime" if "start_datetime" in columns else "NULL::TIMESTAMPTZ"

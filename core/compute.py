@@ -1,0 +1,141 @@
+"""Compute stage: reprojection and mosaicking in a process pool.
+
+Why a process pool: warping and mosaicking are CPU work; in the server process they would
+compete with the event loop (and the fetch stage it drives) for the GIL and the cores. Only
+numpy arrays, affine tuples and CRS strings cross the boundary, because that is what pickles
+cheaply (async-geotiff objects do not pickle at all).
+
+The job functions here are plain module-level functions so workers can import them; the pool
+is started with `forkserver` (never `fork`: the parent holds DuckDB and tokio threads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+from affine import Affine
+
+from core.mosaic import METHODS
+
+T = TypeVar("T")
+
+_ALPHA_MAX = {"uint16": 65535, "int16": 32767}  # GDAL's default SRC_ALPHA_MAX per type
+
+
+@dataclass(frozen=True)
+class Source:
+    """One decoded source window, ready to warp."""
+
+    data: np.ndarray  # (bands, h, w)
+    valid: np.ndarray  # (h, w) bool
+    transform: tuple[float, ...]  # affine of the window, 6 numbers
+    crs: str
+
+
+@dataclass(frozen=True)
+class Target:
+    crs: str
+    transform: tuple[float, ...]
+    width: int
+    height: int
+
+
+def warp_one(source: Source, target: Target, resampling: str) -> tuple[np.ndarray, np.ndarray]:
+    """Reproject one window onto the target grid; the mask travels as a GDAL alpha band.
+
+    Using an alpha band (rather than a nodata value) lets GDAL weight bilinear/cubic kernels by
+    validity, and needs no spare value in the data range.
+    """
+    from rasterio.enums import Resampling
+    from rasterio.warp import reproject
+
+    bands = source.data.shape[0]
+    dtype = source.data.dtype
+    alpha_max = _ALPHA_MAX.get(dtype.name, 255)
+    src = np.empty((bands + 1, *source.data.shape[1:]), dtype=dtype)
+    src[:bands] = source.data
+    src[bands] = np.where(source.valid, alpha_max, 0)
+    dst = np.zeros((bands + 1, target.height, target.width), dtype=dtype)
+    reproject(
+        source=src,
+        destination=dst,
+        src_transform=Affine(*source.transform[:6]),
+        src_crs=source.crs,
+        dst_transform=Affine(*target.transform[:6]),
+        dst_crs=target.crs,
+        src_alpha=bands + 1,
+        dst_alpha=bands + 1,
+        resampling=Resampling[resampling],
+    )
+    valid = dst[bands] > 0
+    data = dst[:bands]
+    data[:, ~valid] = 0
+    return data, valid
+
+
+def warp_item(
+    sources: Sequence[Source], target: Target, resampling: str, bidx: Sequence[int] = ()
+) -> tuple[np.ndarray, np.ndarray]:
+    """Warp each asset of one item and stack their bands (valid where every asset is)."""
+    layers = [warp_one(s, target, resampling) for s in sources]
+    dtype = np.result_type(*(d.dtype for d, _ in layers))
+    data = np.concatenate([d.astype(dtype, copy=False) for d, _ in layers], axis=0)
+    valid = np.logical_and.reduce([v for _, v in layers])
+    if bidx:
+        data = data[[b - 1 for b in bidx]]
+    return data, valid
+
+
+def mosaic(
+    layers: Sequence[tuple[np.ndarray, np.ndarray]], method: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Combine warped layers in order with one fresh instance of `method`."""
+    combiner = METHODS[method]()
+    for data, valid in layers:
+        combiner.feed(data, valid)
+    return combiner.result()
+
+
+def _warm(_: int = 0) -> int:
+    """Import the heavy modules in a worker before the first request needs them."""
+    import rasterio.warp  # noqa: F401
+
+    return os.getpid()
+
+
+class ComputePool:
+    """A ProcessPoolExecutor that the event loop awaits, rebuilt if a worker dies."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._context = multiprocessing.get_context("forkserver")
+        self._context.set_forkserver_preload(["core.compute", "rasterio.warp", "numpy"])
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=self._context)
+
+    def warm(self) -> list[int]:
+        """Start every worker now (blocking), so the first tile does not pay for it."""
+        return list(self._pool.map(_warm, range(self.workers * 2)))
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        pool = self._pool
+        try:
+            return await loop.run_in_executor(pool, fn, *args)
+        except BrokenProcessPool:
+            if self._pool is pool:  # the first to notice rebuilds; the job is reported failed
+                self._pool = self._new_pool()
+            raise
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

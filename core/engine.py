@@ -1,0 +1,226 @@
+"""The engine: plan → search → fetch → compute for one output grid.
+
+One read path serves every route (tiles now, chunks later): `Engine.read(grid, query, params)`.
+Each stage runs in its own executor — search on DuckDB threads, fetch on the event loop,
+compute in the process pool — and the engine only moves plain data between them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import shapely
+
+from core import compute
+from core.catalog import Catalog, Item, SearchQuery
+from core.compute import ComputePool, Source, Target
+from core.fetch import Fetcher
+from core.mosaic import METHODS
+from core.plan import RESAMPLING, Grid, Header, ItemRead, ReadPlan, make_plan
+from core.settings import Settings
+
+
+class ParamError(ValueError):
+    """A read parameter that cannot be honoured; the message says what to change."""
+
+
+class ReadFailed(RuntimeError):
+    """Items covered the grid but none of them could be read."""
+
+    def __init__(self, errors: list[tuple[str, str]]) -> None:
+        self.errors = errors
+        detail = "; ".join(f"{i}: {e}" for i, e in errors[:5])
+        super().__init__(f"every item failed to read ({len(errors)}): {detail}")
+
+
+@dataclass(frozen=True)
+class ReadParams:
+    """How to read and combine pixels (shared by tiles and chunks)."""
+
+    assets: tuple[str, ...] = ()
+    bidx: tuple[int, ...] = ()
+    method: str = "first"
+    resampling: str = "nearest"
+    nodata: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ParamError(f"method: unknown {self.method!r}; choose one of {sorted(METHODS)}")
+        if self.resampling not in RESAMPLING:
+            raise ParamError(
+                f"resampling: unknown {self.resampling!r}; choose one of {list(RESAMPLING)}"
+            )
+        if any(b < 1 for b in self.bidx):
+            raise ParamError(f"bidx: band indexes start at 1, got {list(self.bidx)}")
+
+
+@dataclass
+class Mosaic:
+    """A finished read: data (bands, h, w), validity (h, w), the plan that made it."""
+
+    data: np.ndarray
+    valid: np.ndarray
+    plan: ReadPlan
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Engine:
+    """Owns the three executors and runs reads through them."""
+
+    def __init__(self, settings: Settings, *, fetcher: Fetcher | None = None) -> None:
+        if settings.catalog is None:
+            raise ValueError("no catalog: pass --catalog PATH or set TERRAZZO_CATALOG")
+        self.settings = settings
+        self.catalog = Catalog(settings.catalog, threads=settings.search_threads)
+        self.fetcher = fetcher or Fetcher(
+            concurrency=settings.fetch_concurrency,
+            cache_size=settings.header_cache_size,
+            retries=settings.retries,
+            retry_base=settings.retry_base_s,
+            retry_cap=settings.retry_cap_s,
+        )
+        self.compute = ComputePool(settings.compute_workers)
+
+    def close(self) -> None:
+        self.compute.close()
+        self.catalog.close()
+
+    # -- planning ----------------------------------------------------------------------------
+
+    def resolve_assets(self, assets: tuple[str, ...]) -> tuple[str, ...]:
+        if not assets:
+            if not self.catalog.default_assets:
+                raise ParamError("assets: the catalog's items have no assets")
+            return self.catalog.default_assets
+        known = self.catalog.asset_names
+        unknown = [a for a in assets if known and a not in known]
+        if unknown:
+            raise ParamError(
+                f"assets: unknown {unknown}; this catalog has {list(self.catalog.asset_names)}"
+            )
+        return assets
+
+    async def search(self, grid: Grid, query: SearchQuery) -> tuple[list[Item], bool]:
+        """Items touching `grid`, in mosaic order; and whether the item limit cut the list."""
+        bounds = grid.lonlat_bounds()
+        limit = min(query.limit, self.settings.max_items)
+        full = SearchQuery(
+            bbox=bounds,
+            intersects=shapely.box(*bounds),
+            datetime=query.datetime,
+            collections=query.collections,
+            ids=query.ids,
+            sortby=query.sortby,
+            limit=limit + 1,
+        )
+        items = await self.catalog.search(full)
+        return items[:limit], len(items) > limit
+
+    async def plan(self, grid: Grid, query: SearchQuery, params: ReadParams) -> ReadPlan:
+        assets = self.resolve_assets(params.assets)
+        items, truncated = await self.search(grid, query)
+        hrefs = {item.assets[a] for item in items for a in assets if a in item.assets}
+        opened = await asyncio.gather(
+            *(self.fetcher.header(h) for h in hrefs), return_exceptions=True
+        )
+        headers: dict[str, Header | BaseException] = dict(zip(hrefs, opened, strict=True))
+        for value in headers.values():
+            if isinstance(value, asyncio.CancelledError):
+                raise value
+        return make_plan(
+            grid,
+            items,
+            headers,
+            assets=assets,
+            method=params.method,
+            resampling=params.resampling,
+            truncated=truncated,
+        )
+
+    # -- reading -----------------------------------------------------------------------------
+
+    async def read(self, grid: Grid, query: SearchQuery, params: ReadParams) -> Mosaic | None:
+        """Mosaic of every item covering `grid`; None when no item has data there."""
+        started = time.perf_counter()
+        plan = await self.plan(grid, query, params)
+        planned = time.perf_counter()
+        mosaic = await self.execute(plan, params)
+        if mosaic is not None:
+            mosaic.timings = {
+                "plan": planned - started,
+                "read": time.perf_counter() - planned,
+            }
+        return mosaic
+
+    async def execute(self, plan: ReadPlan, params: ReadParams) -> Mosaic | None:
+        """Fetch and warp the plan's items concurrently, mosaic them in plan order.
+
+        With `first`, once the layers done so far (in order) cover every pixel the remaining
+        reads are cancelled: older items under a full mosaic are never fetched to the end.
+        """
+        errors = list(plan.errors)
+        if not plan.items:
+            if errors:
+                raise ReadFailed(errors)
+            return None
+        g = plan.grid
+        target = Target(crs=g.crs, transform=tuple(g.transform)[:6], width=g.width, height=g.height)
+        limit = asyncio.Semaphore(self.settings.request_concurrency)
+
+        async def one(item: ItemRead) -> tuple[np.ndarray, np.ndarray]:
+            async with limit:
+                pixels = await asyncio.gather(
+                    *(self.fetcher.read(r, nodata=params.nodata) for r in item.reads)
+                )
+                sources = [
+                    Source(data=p.data, valid=p.valid, transform=tuple(r.transform)[:6], crs=r.crs)
+                    for p, r in zip(pixels, item.reads, strict=True)
+                ]
+                return await self.compute.run(
+                    compute.warp_item, sources, target, params.resampling, params.bidx
+                )
+
+        tasks = [asyncio.ensure_future(one(item)) for item in plan.items]
+        layers: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(tasks)
+        early_exit = params.method == "first"
+        covered = np.zeros((g.height, g.width), dtype=bool)
+        next_in_order = 0
+        try:
+            for index, task in enumerate(tasks):
+                try:
+                    layers[index] = await task
+                except (asyncio.CancelledError, KeyboardInterrupt):
+                    raise
+                except Exception as exc:
+                    errors.append((plan.items[index].item_id, f"{type(exc).__name__}: {exc}"))
+                if early_exit:
+                    while next_in_order <= index:
+                        layer = layers[next_in_order]
+                        if layer is not None:
+                            covered |= layer[1]
+                        next_in_order += 1
+                    if covered.all():
+                        break
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        done = [layer for layer in layers if layer is not None]
+        if not done:
+            raise ReadFailed(errors)
+        bands = {d.shape[0] for d, _ in done}
+        if len(bands) > 1:
+            raise ParamError(
+                f"assets: items have different band counts {sorted(bands)}; choose bands with bidx"
+            )
+        if len(done) == 1 and METHODS[params.method].identity_for_one:
+            data, valid = done[0]
+        else:
+            data, valid = await self.compute.run(compute.mosaic, done, params.method)
+        if not valid.any():
+            return None
+        return Mosaic(data=data, valid=valid, plan=plan, errors=errors)

@@ -1,0 +1,226 @@
+"""Fetch stage: COG headers and pixel windows with async-geotiff over obstore stores.
+
+Why this shape:
+- Reads are network-bound, so they are coroutines on the event loop; decoding happens in
+  async-tiff's Rust thread pool without the GIL.
+- A store is chosen by href scheme and reused; opened headers are cached (bounded LRU keyed by
+  href, the in-flight open shared so a burst of tiles opens a COG once).
+- Concurrency is bounded twice: a global semaphore for the service, and the caller's own bound
+  per request (see engine).
+- Transient store errors are retried with exponential backoff and full jitter; permanent ones
+  (missing file, corrupt header) fail at once. Cancellation is never caught, so a cancelled
+  request stops its reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import numpy as np
+from async_geotiff import GeoTIFF, Window
+from obstore.store import HTTPStore, LocalStore, from_url
+
+from core.plan import AssetRead, Header, Level
+
+T = TypeVar("T")
+
+_TRANSIENT_TEXT = re.compile(
+    r"time(d)? ?out|connection|reset by peer|temporar|broken pipe|\b(429|500|502|503|504)\b|"
+    r"too many requests|service unavailable|slow ?down",
+    re.IGNORECASE,
+)
+_PERMANENT_TEXT = re.compile(r"not ?found|no such file|permission|invalid range", re.IGNORECASE)
+
+
+class FetchError(RuntimeError):
+    """A read that failed for good (after retries where retrying made sense)."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: timeouts, dropped connections, 5xx/429 from the store."""
+    if isinstance(exc, TimeoutError | ConnectionError):
+        return True
+    if isinstance(exc, FileNotFoundError | PermissionError | ValueError):
+        return False
+    text = str(exc)
+    return bool(_TRANSIENT_TEXT.search(text)) and not _PERMANENT_TEXT.search(text)
+
+
+async def with_retries(
+    call: Callable[[], Awaitable[T]], *, retries: int, base: float, cap: float
+) -> T:
+    """Await `call()`, retrying transient errors with exponential backoff and full jitter."""
+    attempt = 0
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            if attempt >= retries or not is_transient(exc):
+                raise
+            await asyncio.sleep(random.uniform(0, min(cap, base * 2**attempt)))
+            attempt += 1
+
+
+@dataclass(frozen=True)
+class Pixels:
+    """A decoded window: (bands, h, w) data and an (h, w) validity mask (True = data)."""
+
+    data: np.ndarray
+    valid: np.ndarray
+
+
+def split_href(href: str) -> tuple[str, str]:
+    """(store key, path inside that store) for an href: local path, file://, s3://, http(s)://..."""
+    parts = urlsplit(href)
+    if parts.scheme in ("", "file"):
+        return ("file", parts.path if parts.scheme == "file" else href)
+    if parts.scheme in ("http", "https"):
+        return (f"{parts.scheme}://{parts.netloc}", parts.path.lstrip("/"))
+    # s3://bucket/key, gs://bucket/key, az://container/key, ...
+    return (f"{parts.scheme}://{parts.netloc}", parts.path.lstrip("/"))
+
+
+class Stores:
+    """One obstore store per scheme/host/bucket, created on first use and reused."""
+
+    def __init__(self, factory: Callable[[str], Any] | None = None) -> None:
+        self._stores: dict[str, Any] = {}
+        self._factory = factory or self._default_store
+
+    @staticmethod
+    def _default_store(key: str) -> Any:
+        if key == "file":
+            return LocalStore()
+        if key.startswith(("http://", "https://")):
+            return HTTPStore.from_url(key)
+        return from_url(key)
+
+    def get(self, href: str) -> tuple[Any, str]:
+        key, path = split_href(href)
+        store = self._stores.get(key)
+        if store is None:
+            store = self._stores[key] = self._factory(key)
+        return store, path
+
+
+def header_of(href: str, geotiff: GeoTIFF) -> Header:
+    """The plain-data header the planner works from."""
+    crs = geotiff.crs
+    epsg = crs.to_epsg()
+    levels = [geotiff, *geotiff.overviews]
+    return Header(
+        href=href,
+        crs=f"EPSG:{epsg}" if epsg else crs.to_wkt(),
+        count=geotiff.count,
+        dtype=str(np.dtype(geotiff.dtype)),
+        nodata=geotiff.nodata,
+        has_mask=geotiff.mask_ifd is not None,
+        levels=tuple(
+            Level(
+                transform=level.transform,
+                width=level.width,
+                height=level.height,
+                tile_width=level.tile_width,
+                tile_height=level.tile_height,
+            )
+            for level in levels
+        ),
+    )
+
+
+def valid_mask(
+    data: np.ndarray, mask: np.ndarray | None, nodata: float | None, alpha: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(data without alpha band, validity) following GDAL's order: mask, nodata, alpha, NaN."""
+    if alpha is not None:
+        valid = data[alpha] != 0
+        data = np.delete(data, alpha, axis=0)
+        if mask is not None:
+            valid &= mask
+        return data, valid
+    if mask is not None:
+        return data, mask.astype(bool, copy=False)
+    if nodata is not None:
+        if isinstance(nodata, float) and np.isnan(nodata):
+            return data, np.any(~np.isnan(data), axis=0)
+        return data, np.any(data != np.asarray(nodata).astype(data.dtype), axis=0)
+    if data.dtype.kind == "f":
+        return data, np.any(~np.isnan(data), axis=0)
+    return data, np.ones(data.shape[1:], dtype=bool)
+
+
+class Fetcher:
+    """Opens COGs (cached) and reads planned windows, bounded and retried."""
+
+    def __init__(
+        self,
+        *,
+        concurrency: int = 64,
+        cache_size: int = 512,
+        retries: int = 3,
+        retry_base: float = 0.05,
+        retry_cap: float = 2.0,
+        stores: Stores | None = None,
+    ) -> None:
+        self.stores = stores or Stores()
+        self._limit = asyncio.Semaphore(concurrency)
+        self._cache: OrderedDict[str, asyncio.Task[GeoTIFF]] = OrderedDict()
+        self._cache_size = cache_size
+        self._retry = {"retries": retries, "base": retry_base, "cap": retry_cap}
+        self.stats = {"header_hits": 0, "header_misses": 0, "reads": 0}
+
+    async def _bounded(self, call: Callable[[], Awaitable[T]]) -> T:
+        async def once() -> T:
+            async with self._limit:
+                return await call()
+
+        return await with_retries(once, **self._retry)
+
+    async def open(self, href: str) -> GeoTIFF:
+        """The opened GeoTIFF for `href`, from the LRU cache when possible."""
+        task = self._cache.get(href)
+        if task is not None:
+            self._cache.move_to_end(href)
+            self.stats["header_hits"] += 1
+        else:
+            self.stats["header_misses"] += 1
+            store, path = self.stores.get(href)
+            task = asyncio.ensure_future(self._bounded(lambda: GeoTIFF.open(path, store=store)))
+            self._cache[href] = task
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        try:
+            # shield: one caller's cancellation must not fail the open for the others sharing it
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if self._cache.get(href) is task:
+                del self._cache[href]
+            raise
+
+    async def header(self, href: str) -> Header:
+        return header_of(href, await self.open(href))
+
+    async def read(self, read: AssetRead, *, nodata: float | None = None) -> Pixels:
+        """Decode one planned window; `nodata` overrides the file's nodata."""
+        geotiff = await self.open(read.href)
+        level = geotiff if read.level == 0 else geotiff.overviews[read.level - 1]
+        col, row, width, height = read.window
+        window = Window(col_off=col, row_off=row, width=width, height=height)
+        self.stats["reads"] += 1
+        array = await self._bounded(lambda: level.read(window=window))
+        data, valid = valid_mask(
+            array.data,
+            array.mask,
+            nodata if nodata is not None else read.nodata,
+            geotiff._alpha_band_idx,
+        )
+        return Pixels(data=data, valid=valid)

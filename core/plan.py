@@ -1,0 +1,313 @@
+"""Plan stage: turn "this output grid from these items" into an explicit read plan.
+
+The plan is plain data: for each item (in mosaic order) and asset, which COG level to read
+(the coarsest whose pixel is not coarser than the output pixel), which source window (clipped:
+COG readers have no boundless reads), and which internal tiles that window touches. It can be
+printed (`terrazzo plan`, `/plan/...`) so a user can see why a tile is slow, and it is what the
+fetch and compute stages execute — nothing else decides what to read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import morecantile
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.warp import transform_bounds
+
+from core.catalog import Item
+
+RESAMPLING = ("nearest", "bilinear", "cubic", "average")
+# Source pixels needed beyond the footprint so the kernel sees its neighbours at the edges.
+_MARGIN = {"nearest": 1, "bilinear": 2, "cubic": 3, "average": 2}
+_OVERVIEW_TOLERANCE = 1.001  # float noise must not push a read to a finer level
+
+
+@dataclass(frozen=True)
+class Grid:
+    """An output raster grid: CRS, affine transform and shape."""
+
+    crs: str
+    transform: Affine
+    width: int
+    height: int
+
+    @classmethod
+    def from_bounds(
+        cls, crs: str, bounds: tuple[float, float, float, float], width: int, height: int
+    ) -> Grid:
+        left, bottom, right, top = bounds
+        transform = Affine((right - left) / width, 0, left, 0, -(top - bottom) / height, top)
+        return cls(crs=crs, transform=transform, width=width, height=height)
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        t = self.transform
+        left, top = t.c, t.f
+        right, bottom = t @ (self.width, self.height)
+        return (min(left, right), min(top, bottom), max(left, right), max(top, bottom))
+
+    @property
+    def res(self) -> float:
+        return min(abs(self.transform.a), abs(self.transform.e))
+
+    def lonlat_bounds(self) -> tuple[float, float, float, float]:
+        """The grid's extent in lon/lat (densified edges), for the catalog's bbox columns."""
+        if CRS.from_user_input(self.crs).to_epsg() == 4326:
+            return self.bounds
+        return transform_bounds(self.crs, "EPSG:4326", *self.bounds, densify_pts=21)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "crs": self.crs,
+            "transform": list(self.transform)[:6],
+            "width": self.width,
+            "height": self.height,
+            "bounds": list(self.bounds),
+        }
+
+
+class TileError(ValueError):
+    """A tile index or matrix set that does not exist."""
+
+
+def tile_grid(tms_id: str, z: int, x: int, y: int, tilesize: int = 256) -> Grid:
+    """The grid of web map tile z/x/y in a morecantile TileMatrixSet."""
+    try:
+        tms = morecantile.tms.get(tms_id)
+    except Exception as exc:
+        raise TileError(
+            f"tileMatrixSetId: unknown {tms_id!r}; known: {', '.join(morecantile.tms.list())}"
+        ) from exc
+    if not tms.minzoom <= z <= tms.maxzoom:
+        raise TileError(f"z: {z} is outside {tms_id}'s zoom range {tms.minzoom}..{tms.maxzoom}")
+    matrix = tms.matrix(z)
+    if not (0 <= x < matrix.matrixWidth and 0 <= y < matrix.matrixHeight):
+        raise TileError(
+            f"tile {z}/{x}/{y} is outside {tms_id}: at zoom {z} x must be in "
+            f"0..{matrix.matrixWidth - 1} and y in 0..{matrix.matrixHeight - 1}"
+        )
+    bounds = tms.xy_bounds(x, y, z)
+    crs = tms.rasterio_crs.to_string()
+    return Grid.from_bounds(crs, tuple(bounds), tilesize, tilesize)
+
+
+@dataclass(frozen=True)
+class Level:
+    """One resolution level of a COG (level 0 = full resolution)."""
+
+    transform: Affine
+    width: int
+    height: int
+    tile_width: int
+    tile_height: int
+
+    @property
+    def res(self) -> float:
+        return min(abs(self.transform.a), abs(self.transform.e))
+
+
+@dataclass(frozen=True)
+class Header:
+    """What the planner needs from a COG header, as plain picklable data."""
+
+    href: str
+    crs: str
+    count: int
+    dtype: str
+    nodata: float | None
+    has_mask: bool
+    levels: tuple[Level, ...]  # finest first
+
+
+@dataclass(frozen=True)
+class AssetRead:
+    """One window read from one level of one asset's COG."""
+
+    asset: str
+    href: str
+    level: int
+    window: tuple[int, int, int, int]  # col_off, row_off, width, height at that level
+    tiles: tuple[tuple[int, int], ...]  # internal (x, y) tiles the window touches
+    transform: Affine  # of the window's top-left pixel
+    crs: str
+    res: float
+    count: int
+    dtype: str
+    nodata: float | None
+    has_mask: bool
+
+
+@dataclass(frozen=True)
+class ItemRead:
+    item_id: str
+    datetime: str | None
+    reads: tuple[AssetRead, ...]
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """Everything one output grid will read, in mosaic order."""
+
+    grid: Grid
+    method: str
+    resampling: str
+    assets: tuple[str, ...]
+    items: tuple[ItemRead, ...]
+    skipped: tuple[tuple[str, str], ...] = ()  # (item id, why it is not read)
+    truncated: bool = False  # more items matched than max_items allowed
+    errors: tuple[tuple[str, str], ...] = field(default=())  # headers that failed to open
+
+    @property
+    def tile_reads(self) -> int:
+        return sum(len(r.tiles) for item in self.items for r in item.reads)
+
+    def to_dict(self) -> dict[str, Any]:
+        def read_dict(r: AssetRead) -> dict[str, Any]:
+            d = asdict(r)
+            d["transform"] = list(r.transform)[:6]
+            d["tiles"] = [list(t) for t in r.tiles]
+            return d
+
+        return {
+            "grid": self.grid.to_dict(),
+            "method": self.method,
+            "resampling": self.resampling,
+            "assets": list(self.assets),
+            "items": [
+                {"id": i.item_id, "datetime": i.datetime, "reads": [read_dict(r) for r in i.reads]}
+                for i in self.items
+            ],
+            "skipped": [{"id": i, "reason": why} for i, why in self.skipped],
+            "errors": [{"id": i, "error": why} for i, why in self.errors],
+            "truncated": self.truncated,
+            "tile_reads": self.tile_reads,
+        }
+
+    def describe(self) -> str:
+        """A human-readable account of the plan, one line per read."""
+        lines = [
+            f"grid {self.grid.width}x{self.grid.height} {self.grid.crs} "
+            f"bounds={tuple(round(b, 3) for b in self.grid.bounds)}",
+            f"method={self.method} resampling={self.resampling} assets={','.join(self.assets)}"
+            f" items={len(self.items)} internal tiles={self.tile_reads}"
+            + (" (item limit reached: older items left out)" if self.truncated else ""),
+        ]
+        for n, item in enumerate(self.items, 1):
+            lines.append(f"{n:>3}. {item.item_id} {item.datetime or ''}")
+            for r in item.reads:
+                lines.append(
+                    f"       {r.asset}: level {r.level} (res {r.res:.3g}) window "
+                    f"col={r.window[0]} row={r.window[1]} {r.window[2]}x{r.window[3]} "
+                    f"tiles={len(r.tiles)} {r.dtype}x{r.count} {r.href}"
+                )
+        for item_id, why in self.skipped:
+            lines.append(f"  skipped {item_id}: {why}")
+        for item_id, why in self.errors:
+            lines.append(f"  error {item_id}: {why}")
+        return "\n".join(lines)
+
+
+def choose_level(levels: tuple[Level, ...], target_res: float) -> int:
+    """The coarsest level whose pixel is not coarser than the target pixel (0 if none is)."""
+    best = 0
+    for index, level in enumerate(levels):
+        if level.res <= target_res * _OVERVIEW_TOLERANCE:
+            best = index
+    return best
+
+
+def plan_asset(asset: str, header: Header, grid: Grid, resampling: str) -> AssetRead | None:
+    """Where `grid` falls in this COG; None when the image does not reach the grid."""
+    try:
+        left, bottom, right, top = transform_bounds(
+            grid.crs, header.crs, *grid.bounds, densify_pts=21
+        )
+    except Exception:  # the grid is outside the source CRS's domain
+        return None
+    if not all(math.isfinite(v) for v in (left, bottom, right, top)):
+        return None
+    target_res = min((right - left) / grid.width, (top - bottom) / grid.height)
+    level_index = choose_level(header.levels, target_res)
+    level = header.levels[level_index]
+    inverse = ~level.transform
+    corners = ((left, top), (right, top), (left, bottom), (right, bottom))
+    cols, rows = zip(*(inverse @ corner for corner in corners), strict=True)
+    margin = _MARGIN[resampling]
+    col0 = max(0, math.floor(min(cols)) - margin)
+    row0 = max(0, math.floor(min(rows)) - margin)
+    col1 = min(level.width, math.ceil(max(cols)) + margin)
+    row1 = min(level.height, math.ceil(max(rows)) + margin)
+    if col1 <= col0 or row1 <= row0:
+        return None
+    tiles = tuple(
+        (tx, ty)
+        for ty in range(row0 // level.tile_height, (row1 - 1) // level.tile_height + 1)
+        for tx in range(col0 // level.tile_width, (col1 - 1) // level.tile_width + 1)
+    )
+    return AssetRead(
+        asset=asset,
+        href=header.href,
+        level=level_index,
+        window=(col0, row0, col1 - col0, row1 - row0),
+        tiles=tiles,
+        transform=level.transform @ Affine.translation(col0, row0),
+        crs=header.crs,
+        res=level.res,
+        count=header.count,
+        dtype=header.dtype,
+        nodata=header.nodata,
+        has_mask=header.has_mask,
+    )
+
+
+def make_plan(
+    grid: Grid,
+    items: list[Item],
+    headers: dict[str, Header | BaseException],
+    *,
+    assets: tuple[str, ...],
+    method: str,
+    resampling: str,
+    truncated: bool = False,
+) -> ReadPlan:
+    """Plan every item against `grid`, keeping the search order (the mosaic order)."""
+    planned: list[ItemRead] = []
+    skipped: list[tuple[str, str]] = []
+    errors: list[tuple[str, str]] = []
+    for item in items:
+        missing = [a for a in assets if a not in item.assets]
+        if missing:
+            skipped.append((item.id, f"no asset {', '.join(missing)}"))
+            continue
+        reads: list[AssetRead] = []
+        failure: str | None = None
+        for asset in assets:
+            header = headers[item.assets[asset]]
+            if isinstance(header, BaseException):
+                failure = f"{asset}: {type(header).__name__}: {header}"
+                break
+            read = plan_asset(asset, header, grid, resampling)
+            if read is None:
+                break
+            reads.append(read)
+        if failure:
+            errors.append((item.id, failure))
+        elif len(reads) < len(assets):
+            skipped.append((item.id, "image does not reach the grid"))
+        else:
+            when = item.datetime.isoformat() if item.datetime else None
+            planned.append(ItemRead(item_id=item.id, datetime=when, reads=tuple(reads)))
+    return ReadPlan(
+        grid=grid,
+        method=method,
+        resampling=resampling,
+        assets=assets,
+        items=tuple(planned),
+        skipped=tuple(skipped),
+        truncated=truncated,
+        errors=tuple(errors),
+    )

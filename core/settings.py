@@ -1,0 +1,40 @@
+"""Service settings: one object, read from `TERRAZZO_*` environment variables or CLI flags.
+
+Every bound the engine enforces lives here, so an operator can see and tune all of them in one
+place (they are printed at start-up).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Terrazzo's knobs. Defaults suit a 2-core machine."""
+
+    model_config = SettingsConfigDict(env_prefix="TERRAZZO_", extra="ignore")
+
+    catalog: Path | None = Field(None, description="STAC-GeoParquet file to serve.")
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    # Search stage
+    search_threads: int = Field(2, ge=1, description="DuckDB worker threads (one cursor each).")
+    max_items: int = Field(100, ge=1, description="Items per tile or chunk, first in sort order.")
+
+    # Fetch stage
+    fetch_concurrency: int = Field(64, ge=1, description="Store reads in flight, whole service.")
+    request_concurrency: int = Field(8, ge=1, description="Items read at once for one request.")
+    header_cache_size: int = Field(512, ge=1, description="Opened COG headers kept (LRU).")
+    retries: int = Field(3, ge=0, description="Retries of a transient store error.")
+    retry_base_s: float = Field(0.05, gt=0, description="First backoff step (full jitter).")
+    retry_cap_s: float = Field(2.0, gt=0, description="Longest backoff step.")
+
+    # Compute stage
+    compute_workers: int = Field(2, ge=1, description="Processes that warp and mosaic.")
+
+    # Request limits
+    max_tilesize: int = Field(1024, ge=64, description="Largest tilesize a tile request may ask.")

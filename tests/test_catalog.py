@@ -1,0 +1,121 @@
+"""Search stage: DuckDB over real STAC-GeoParquet, one cursor per worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import threading
+from pathlib import Path
+
+import pytest
+import rustac
+import shapely
+
+from core.catalog import Catalog, SearchError, SearchQuery, parse_datetime_range
+
+
+def item(i: int, x: float, y: float, day: int, collection: str = "a") -> dict:
+    ring = [[x, y], [x + 1, y], [x + 1, y + 1], [x, y + 1], [x, y]]
+    return {
+        "type": "Feature",
+        "stac_version": "1.1.0",
+        "id": f"item-{i:03d}",
+        "collection": collection,
+        "geometry": {"type": "Polygon", "coordinates": [ring]},
+        "bbox": [x, y, x + 1, y + 1],
+        "properties": {"datetime": f"2024-06-{day:02d}T10:00:00Z"},
+        "assets": {
+            "visual": {
+                "href": f"cogs/{i}.tif",
+                "roles": ["data"],
+                "type": "image/tiff; application=geotiff",
+            }
+        },
+        "links": [],
+    }
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
+    items = [
+        item(i, x=i % 10, y=i // 10, day=1 + i % 20, collection="ab"[i % 2]) for i in range(100)
+    ]
+    # a triangle whose bbox covers (5.5, 0.5) but whose footprint does not
+    tri = item(500, 5, 0, 25)
+    tri["geometry"]["coordinates"] = [[[5, 0], [6, 0], [5, 0.2], [5, 0]]]
+    path = tmp_path_factory.mktemp("cat") / "items.parquet"
+    rustac.write_sync(str(path), [*items, tri])
+    cat = Catalog(path, threads=2)
+    yield cat
+    cat.close()
+
+
+def test_bbox_and_footprint(catalog: Catalog) -> None:
+    box = (5.4, 0.4, 5.6, 0.6)
+    found = catalog.search_sync(SearchQuery(bbox=box, intersects=shapely.box(*box)))
+    assert [i.id for i in found] == ["item-005"]  # the triangle's bbox matched, footprint not
+    assert found[0].assets["visual"] == str(catalog.path.parent / "cogs/5.tif")
+
+
+def test_datetime_collections_ids_sort_limit(catalog: Catalog) -> None:
+    june3 = parse_datetime_range("2024-06-03")
+    found = catalog.search_sync(SearchQuery(datetime=june3))
+    assert {i.id for i in found} == {"item-002", "item-022", "item-042", "item-062", "item-082"}
+    found = catalog.search_sync(SearchQuery(collections=("b",), limit=5, sortby=("id",)))
+    assert [i.id for i in found] == ["item-001", "item-003", "item-005", "item-007", "item-009"]
+    found = catalog.search_sync(SearchQuery(ids=("item-010", "item-011"), sortby=("-id",)))
+    assert [i.id for i in found] == ["item-011", "item-010"]
+    newest = catalog.search_sync(SearchQuery(limit=3))
+    assert all(a.datetime >= b.datetime for a, b in zip(newest, newest[1:], strict=False))
+    assert newest[0].datetime == dt.datetime(2024, 6, 25, 10, tzinfo=dt.UTC)
+
+
+def test_values_are_bound_not_pasted(catalog: Catalog) -> None:
+    evil = "x' OR '1'='1"
+    assert catalog.search_sync(SearchQuery(ids=(evil,))) == []
+    assert catalog.search_sync(SearchQuery(collections=(evil,))) == []
+    with pytest.raises(SearchError, match="unknown field"):
+        catalog.search_sync(SearchQuery(sortby=('id" DESC; DROP TABLE items; --',)))
+
+
+@pytest.mark.parametrize("bad", ["yesterday", "2024-13-01", "2024-06-05/2024-06-01"])
+def test_bad_datetime_says_why(bad: str) -> None:
+    with pytest.raises(SearchError, match="datetime"):
+        parse_datetime_range(bad)
+
+
+def test_open_ended_datetime() -> None:
+    start, end = parse_datetime_range("2024-06-01T00:00:00Z/..")
+    assert start == dt.datetime(2024, 6, 1, tzinfo=dt.UTC) and end is None
+
+
+async def test_searches_run_on_worker_threads_in_parallel(catalog: Catalog) -> None:
+    seen: set[str] = set()
+    original = catalog._cursor
+
+    def spy():
+        seen.add(threading.current_thread().name)
+        return original()
+
+    catalog._cursor = spy  # type: ignore[method-assign]
+    try:
+        results = await asyncio.gather(
+            *(catalog.search(SearchQuery(bbox=(i % 10, 0, i % 10 + 0.5, 9))) for i in range(40))
+        )
+    finally:
+        del catalog._cursor
+    assert all(results)
+    assert threading.main_thread().name not in seen
+    assert all(name.startswith("terrazzo-search") for name in seen)
+
+
+def test_default_asset_and_summary(catalog: Catalog) -> None:
+    assert catalog.default_assets == ("visual",)
+    summary = catalog.summary()
+    assert summary["items"] == 101
+    assert summary["bbox"] == [0, 0, 10, 10]
+
+
+def test_not_a_catalog(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        Catalog(tmp_path / "nope.parquet")

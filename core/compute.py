@@ -24,10 +24,10 @@ import numpy as np
 from affine import Affine
 
 from core.mosaic import METHODS
+from core.plan import AssetRead
+from core.warp import warp
 
 T = TypeVar("T")
-
-_ALPHA_MAX = {"uint16": 65535, "int16": 32767}  # GDAL's default SRC_ALPHA_MAX per type
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,12 @@ class Source:
     valid: np.ndarray  # (h, w) bool
     transform: tuple[float, ...]  # affine of the window, 6 numbers
     crs: str
+    dst_window: tuple[int, int, int, int] | None = None  # where it lands in the target
+
+    @classmethod
+    def of(cls, data: np.ndarray, valid: np.ndarray, read: AssetRead) -> Source:
+        """The pixels of a planned read, with what the warp needs to place them."""
+        return cls(data, valid, tuple(read.transform)[:6], read.crs, read.dst_window)
 
 
 @dataclass(frozen=True)
@@ -49,36 +55,18 @@ class Target:
 
 
 def warp_one(source: Source, target: Target, resampling: str) -> tuple[np.ndarray, np.ndarray]:
-    """Reproject one window onto the target grid; the mask travels as a GDAL alpha band.
-
-    Using an alpha band (rather than a nodata value) lets GDAL weight bilinear/cubic kernels by
-    validity, and needs no spare value in the data range.
-    """
-    from rasterio.enums import Resampling
-    from rasterio.warp import reproject
-
-    bands = source.data.shape[0]
-    dtype = source.data.dtype
-    alpha_max = _ALPHA_MAX.get(dtype.name, 255)
-    src = np.empty((bands + 1, *source.data.shape[1:]), dtype=dtype)
-    src[:bands] = source.data
-    src[bands] = np.where(source.valid, alpha_max, 0)
-    dst = np.zeros((bands + 1, target.height, target.width), dtype=dtype)
-    reproject(
-        source=src,
-        destination=dst,
-        src_transform=Affine(*source.transform[:6]),
-        src_crs=source.crs,
-        dst_transform=Affine(*target.transform[:6]),
-        dst_crs=target.crs,
-        src_alpha=bands + 1,
-        dst_alpha=bands + 1,
-        resampling=Resampling[resampling],
+    """Reproject one source window onto the target grid (only where it can land)."""
+    return warp(
+        source.data,
+        source.valid,
+        Affine(*source.transform[:6]),
+        source.crs,
+        Affine(*target.transform[:6]),
+        target.crs,
+        (target.height, target.width),
+        source.dst_window,
+        resampling,
     )
-    valid = dst[bands] > 0
-    data = dst[:bands]
-    data[:, ~valid] = 0
-    return data, valid
 
 
 def warp_item(

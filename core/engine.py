@@ -177,8 +177,7 @@ class Engine:
                     *(self.fetcher.read(r, nodata=params.nodata) for r in item.reads)
                 )
                 sources = [
-                    Source(data=p.data, valid=p.valid, transform=tuple(r.transform)[:6], crs=r.crs)
-                    for p, r in zip(pixels, item.reads, strict=True)
+                    Source.of(p.data, p.valid, r) for p, r in zip(pixels, item.reads, strict=True)
                 ]
                 return await self.compute.run(
                     compute.warp_item, sources, target, params.resampling, params.bidx

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import morecantile
 from affine import Affine
-from rasterio.crs import CRS
-from rasterio.warp import transform_bounds
+from pyproj import Transformer
 
 from core.catalog import Item
 
@@ -24,6 +24,40 @@ RESAMPLING = ("nearest", "bilinear", "cubic", "average")
 # Source pixels needed beyond the footprint so the kernel sees its neighbours at the edges.
 _MARGIN = {"nearest": 1, "bilinear": 2, "cubic": 3, "average": 2}
 _OVERVIEW_TOLERANCE = 1.001  # float noise must not push a read to a finer level
+
+Bounds = tuple[float, float, float, float]
+
+
+@lru_cache(maxsize=512)
+def transformer(src: str, dst: str) -> Transformer:
+    """PROJ set-up costs milliseconds; a tile server meets the same few CRS pairs all day."""
+    return Transformer.from_crs(src, dst, always_xy=True)
+
+
+def reproject_bounds(bounds: Bounds, src: str, dst: str) -> Bounds:
+    """`bounds` in `dst`, with densified edges (curved edges of a reprojected box)."""
+    if src == dst:
+        return bounds
+    return transformer(src, dst).transform_bounds(*bounds, densify_pts=21)
+
+
+def pixel_window(
+    bounds: Bounds, transform: Affine, width: int, height: int, margin: int
+) -> tuple[int, int, int, int] | None:
+    """The (col, row, width, height) window of a grid covering `bounds`, clipped; None if empty."""
+    if not all(math.isfinite(v) for v in bounds):
+        return None
+    left, bottom, right, top = bounds
+    inverse = ~transform
+    corners = ((left, top), (right, top), (left, bottom), (right, bottom))
+    cols, rows = zip(*(inverse @ corner for corner in corners), strict=True)
+    col0 = max(0, math.floor(min(cols)) - margin)
+    row0 = max(0, math.floor(min(rows)) - margin)
+    col1 = min(width, math.ceil(max(cols)) + margin)
+    row1 = min(height, math.ceil(max(rows)) + margin)
+    if col1 <= col0 or row1 <= row0:
+        return None
+    return (col0, row0, col1 - col0, row1 - row0)
 
 
 @dataclass(frozen=True)
@@ -54,11 +88,9 @@ class Grid:
     def res(self) -> float:
         return min(abs(self.transform.a), abs(self.transform.e))
 
-    def lonlat_bounds(self) -> tuple[float, float, float, float]:
+    def lonlat_bounds(self) -> Bounds:
         """The grid's extent in lon/lat (densified edges), for the catalog's bbox columns."""
-        if CRS.from_user_input(self.crs).to_epsg() == 4326:
-            return self.bounds
-        return transform_bounds(self.crs, "EPSG:4326", *self.bounds, densify_pts=21)
+        return reproject_bounds(self.bounds, self.crs, "EPSG:4326")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -133,6 +165,7 @@ class AssetRead:
     window: tuple[int, int, int, int]  # col_off, row_off, width, height at that level
     tiles: tuple[tuple[int, int], ...]  # internal (x, y) tiles the window touches
     transform: Affine  # of the window's top-left pixel
+    dst_window: tuple[int, int, int, int]  # the part of the output grid this read can reach
     crs: str
     res: float
     count: int
@@ -169,6 +202,7 @@ class ReadPlan:
         def read_dict(r: AssetRead) -> dict[str, Any]:
             d = asdict(r)
             d["transform"] = list(r.transform)[:6]
+            d["dst_window"] = list(r.dst_window)
             d["tiles"] = [list(t) for t in r.tiles]
             return d
 
@@ -223,9 +257,7 @@ def choose_level(levels: tuple[Level, ...], target_res: float) -> int:
 def plan_asset(asset: str, header: Header, grid: Grid, resampling: str) -> AssetRead | None:
     """Where `grid` falls in this COG; None when the image does not reach the grid."""
     try:
-        left, bottom, right, top = transform_bounds(
-            grid.crs, header.crs, *grid.bounds, densify_pts=21
-        )
+        left, bottom, right, top = reproject_bounds(grid.bounds, grid.crs, header.crs)
     except Exception:  # the grid is outside the source CRS's domain
         return None
     if not all(math.isfinite(v) for v in (left, bottom, right, top)):
@@ -233,28 +265,41 @@ def plan_asset(asset: str, header: Header, grid: Grid, resampling: str) -> Asset
     target_res = min((right - left) / grid.width, (top - bottom) / grid.height)
     level_index = choose_level(header.levels, target_res)
     level = header.levels[level_index]
-    inverse = ~level.transform
-    corners = ((left, top), (right, top), (left, bottom), (right, bottom))
-    cols, rows = zip(*(inverse @ corner for corner in corners), strict=True)
     margin = _MARGIN[resampling]
-    col0 = max(0, math.floor(min(cols)) - margin)
-    row0 = max(0, math.floor(min(rows)) - margin)
-    col1 = min(level.width, math.ceil(max(cols)) + margin)
-    row1 = min(level.height, math.ceil(max(rows)) + margin)
-    if col1 <= col0 or row1 <= row0:
+    window = pixel_window(
+        (left, bottom, right, top), level.transform, level.width, level.height, margin
+    )
+    if window is None:
+        return None
+    col0, row0, width, height = window
+    transform = level.transform @ Affine.translation(col0, row0)
+    # Where this window lands in the output: warping only there skips empty output pixels.
+    src_bounds = (
+        transform.c,
+        transform.f + height * transform.e,
+        transform.c + width * transform.a,
+        transform.f,
+    )
+    try:
+        dst_bounds = reproject_bounds(src_bounds, header.crs, grid.crs)
+    except Exception:
+        dst_bounds = grid.bounds
+    dst_window = pixel_window(dst_bounds, grid.transform, grid.width, grid.height, 1)
+    if dst_window is None:
         return None
     tiles = tuple(
         (tx, ty)
-        for ty in range(row0 // level.tile_height, (row1 - 1) // level.tile_height + 1)
-        for tx in range(col0 // level.tile_width, (col1 - 1) // level.tile_width + 1)
+        for ty in range(row0 // level.tile_height, (row0 + height - 1) // level.tile_height + 1)
+        for tx in range(col0 // level.tile_width, (col0 + width - 1) // level.tile_width + 1)
     )
     return AssetRead(
         asset=asset,
         href=header.href,
         level=level_index,
-        window=(col0, row0, col1 - col0, row1 - row0),
+        window=window,
         tiles=tiles,
-        transform=level.transform @ Affine.translation(col0, row0),
+        transform=transform,
+        dst_window=dst_window,
         crs=header.crs,
         res=level.res,
         count=header.count,

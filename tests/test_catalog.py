@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import threading
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def test_datetime_collections_ids_sort_limit(catalog: Catalog) -> None:
     found = catalog.search_sync(SearchQuery(ids=("item-010", "item-011"), sortby=("-id",)))
     assert [i.id for i in found] == ["item-011", "item-010"]
     newest = catalog.search_sync(SearchQuery(limit=3))
-    assert all(a.datetime >= b.datetime for a, b in zip(newest, newest[1:], strict=False))
+    assert all(a.datetime >= b.datetime for a, b in itertools.pairwise(newest))
     assert newest[0].datetime == dt.datetime(2024, 6, 25, 10, tzinfo=dt.UTC)
 
 

@@ -61,7 +61,7 @@ def test_window_spanning_tiles() -> None:
     grid = Grid.from_bounds("EPSG:32632", (502000, 4995000, 507000, 4998000), 500, 300)
     read = plan_asset("visual", header(), grid, "bilinear")
     assert read is not None and read.level == 0
-    col, row, width, height = read.window
+    col, row, _, _ = read.window
     assert col == 198 and row == 198  # 2 px bilinear margin
     xs = {x for x, _ in read.tiles}
     ys = {y for _, y in read.tiles}

@@ -1,0 +1,173 @@
+"""Tile throughput: Terrazzo's engine against rio-tiler's mosaic reader, same items, same run.
+
+Both sides get the same tiles, the same DuckDB search (Terrazzo's catalog), method `first`,
+nearest resampling, 256² PNG output, and run in this process tree:
+- terrazzo: `Engine.read` (search threads → async fetch → process-pool warp/mosaic) + encode.
+- baseline: titiler-pgstac's shape: a thread per request (as a sync FastAPI endpoint runs), the
+  same search, then `rio_tiler.mosaic.mosaic_reader` with one rasterio Reader per asset and
+  `threads` reader threads, then rio-tiler's render.
+It prints tiles/s and p50/p95 latency at each concurrency, and Terrazzo/baseline as ratios.
+
+    .venv/bin/python bench/tiles.py --catalog data/demo/items.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import warnings
+
+import morecantile
+import numpy as np
+import shapely
+
+from app.encoders import encode
+from core.catalog import Catalog, SearchQuery
+from core.engine import Engine, ReadParams
+from core.plan import tile_grid
+from core.settings import Settings
+
+TMS = morecantile.tms.get("WebMercatorQuad")
+
+
+def pick_tiles(catalog: Catalog, n: int, zooms: tuple[int, ...], seed: int = 0) -> list:
+    """Distinct tiles inside the catalog's extent (cold for both sides: no tile repeats)."""
+    minx, miny, maxx, maxy = catalog.summary()["bbox"]
+    rng = np.random.default_rng(seed)
+    seen, out = set(), []
+    while len(out) < n:
+        z = int(rng.choice(zooms))
+        t = TMS.tile(rng.uniform(minx, maxx), rng.uniform(miny, maxy), z)
+        if t not in seen:
+            seen.add(t)
+            out.append(t)
+    return out
+
+
+def summarise(latencies: list[float], wall: float) -> dict[str, float]:
+    lat = sorted(latencies)
+    return {
+        "tiles_s": len(lat) / wall,
+        "p50_ms": 1000 * statistics.median(lat),
+        "p95_ms": 1000 * lat[min(len(lat) - 1, int(0.95 * len(lat)))],
+    }
+
+
+async def run_terrazzo(engine: Engine, tiles: list, concurrency: int, asset: str) -> dict:
+    sem = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+    params = ReadParams(assets=(asset,))
+
+    async def one(t) -> None:
+        async with sem:
+            t0 = time.perf_counter()
+            grid = tile_grid("WebMercatorQuad", t.z, t.x, t.y)
+            mosaic = await engine.read(grid, SearchQuery(), params)
+            if mosaic is not None:
+                await engine.compute.run(encode, mosaic.data, mosaic.valid, "png")
+            latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(t) for t in tiles))
+    return summarise(latencies, time.perf_counter() - t0)
+
+
+def baseline_tile(catalog: Catalog, t, asset: str, threads: int) -> None:
+    from rio_tiler.errors import EmptyMosaicError, TileOutsideBounds
+    from rio_tiler.io import Reader
+    from rio_tiler.mosaic import mosaic_reader
+    from rio_tiler.mosaic.methods import FirstMethod
+    from rio_tiler.utils import render
+
+    bounds = tile_grid("WebMercatorQuad", t.z, t.x, t.y).lonlat_bounds()
+    items = catalog.search_sync(SearchQuery(bbox=bounds, intersects=shapely.box(*bounds)))
+    hrefs = [i.assets[asset] for i in items]
+
+    def read(href: str, x: int, y: int, z: int, **kwargs):
+        with Reader(href) as src:
+            return src.tile(x, y, z, **kwargs)
+
+    try:
+        img, _ = mosaic_reader(
+            hrefs,
+            read,
+            t.x,
+            t.y,
+            t.z,
+            pixel_selection=FirstMethod(),
+            threads=threads,
+            allowed_exceptions=(TileOutsideBounds,),
+        )
+    except EmptyMosaicError:
+        return
+    render(img.data, img.mask, img_format="PNG")
+
+
+def run_baseline(catalog: Catalog, tiles: list, concurrency: int, asset: str, threads: int) -> dict:
+    latencies: list[float] = []
+
+    def one(t) -> None:
+        t0 = time.perf_counter()
+        baseline_tile(catalog, t, asset, threads)
+        latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, tiles))
+    return summarise(latencies, time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--catalog", default="data/demo/items.parquet")
+    ap.add_argument("--tiles", type=int, default=96, help="tiles per run")
+    ap.add_argument("--zooms", default="9,10,11,12")
+    ap.add_argument("--asset", default="visual")
+    ap.add_argument("--concurrency", default="1,16")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 2,
+        help="baseline mosaic_reader threads (titiler-pgstac's MOSAIC_CONCURRENCY)",
+    )
+    args = ap.parse_args()
+
+    warnings.filterwarnings("ignore", message=".*no Overviews.*")
+    zooms = tuple(int(z) for z in args.zooms.split(","))
+    engine = Engine(Settings(catalog=args.catalog))
+    engine.compute.warm()
+    os.environ.setdefault("GDAL_CACHEMAX", "200")
+    os.environ.setdefault("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
+    print(
+        f"catalog {args.catalog}: {engine.catalog.summary()['items']} items; "
+        f"{args.tiles} tiles per run at zooms {zooms}; {os.cpu_count()} cores"
+    )
+    print(f"{'clients':>7} {'side':>9} {'tiles/s':>8} {'p50 ms':>8} {'p95 ms':>8}")
+    try:
+        for n, conc in enumerate(int(c) for c in args.concurrency.split(",")):
+            tiles = pick_tiles(engine.catalog, args.tiles, zooms, seed=n)
+            warm = pick_tiles(engine.catalog, 8, zooms, seed=100 + n)
+            asyncio.run(run_terrazzo(engine, warm, conc, args.asset))  # headers of other tiles
+            ours = asyncio.run(run_terrazzo(engine, tiles, conc, args.asset))
+            base = run_baseline(engine.catalog, tiles, conc, args.asset, args.threads)
+            for side, r in (("terrazzo", ours), ("baseline", base)):
+                print(
+                    f"{conc:>7} {side:>9} {r['tiles_s']:>8.1f} {r['p50_ms']:>8.1f} "
+                    f"{r['p95_ms']:>8.1f}"
+                )
+            print(
+                f"{conc:>7} {'ratio':>9} {ours['tiles_s'] / base['tiles_s']:>7.2f}x "
+                f"{base['p50_ms'] / ours['p50_ms']:>7.2f}x {base['p95_ms'] / ours['p95_ms']:>7.2f}x"
+                "   (terrazzo over baseline; >1 = terrazzo better)"
+            )
+    finally:
+        engine.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -18,9 +18,8 @@ import asyncio
 import os
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
-
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import morecantile
 import numpy as np

@@ -167,6 +167,12 @@ class Engine:
             if errors:
                 raise ReadFailed(errors)
             return None
+        bands = sum(r.count for r in plan.items[0].reads)
+        if params.bidx and max(params.bidx) > bands:
+            raise ParamError(
+                f"bidx: band {max(params.bidx)} does not exist; assets "
+                f"{', '.join(plan.assets)} have {bands} band(s)"
+            )
         g = plan.grid
         target = Target(crs=g.crs, transform=tuple(g.transform)[:6], width=g.width, height=g.height)
         limit = asyncio.Semaphore(self.settings.request_concurrency)

@@ -196,7 +196,13 @@ def index_items(source: Path, out: Path, *, row_group_size: int = 5000) -> int:
     raw = out_dir / f".{out.name}.{token}.raw.parquet"
     staged = out_dir / f".{out.name}.{token}.tmp.parquet"
     try:
-        rustac.write_sync(str(raw), items, format="geoparquet")
+        try:
+            rustac.write_sync(str(raw), items, format="geoparquet")
+        except rustac.RustacError as exc:
+            raise ValueError(
+                f"cannot write STAC-GeoParquet from {source}: {exc} "
+                "(check that every item's datetime is RFC 3339, e.g. 2024-06-01T00:00:00Z)"
+            ) from exc
         parquet = pq.ParquetFile(raw)
         # rustac stores `geo`/`stac-geoparquet` as file key-value metadata that pyarrow does not
         # surface on the arrow schema, so carry them over explicitly.

@@ -15,6 +15,7 @@ from app import tiles
 from app.encoders import EncodeError
 from core.catalog import SearchError
 from core.engine import Engine, ParamError, ReadFailed
+from core.filters import FilterError
 from core.plan import TileError
 from core.settings import Settings
 
@@ -51,6 +52,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     @app.exception_handler(ParamError)
     @app.exception_handler(SearchError)
     @app.exception_handler(EncodeError)
+    @app.exception_handler(FilterError)
     async def bad_parameter(request: Request, exc: Exception) -> JSONResponse:
         return error(400, exc)
 

@@ -13,6 +13,7 @@ from fastapi import Query
 from app.encoders import check_colormap
 from core.catalog import SearchQuery, parse_datetime_range
 from core.engine import ParamError, ReadParams
+from core.filters import parse as parse_filter
 
 
 def _split(values: list[str] | None) -> tuple[str, ...]:
@@ -44,8 +45,12 @@ def search_query(
     sortby: str | None = Query(
         None, description="Mosaic order, e.g. `-datetime` (default: newest on top)."
     ),
+    filter: str | None = Query(
+        None, description="CQL2-text or CQL2-JSON on item properties, e.g. `eo:cloud_cover < 10`."
+    ),
 ) -> SearchQuery:
     return SearchQuery(
+        filter=parse_filter(filter) if filter else None,
         datetime=parse_datetime_range(datetime) if datetime else None,
         collections=_split(collections),
         ids=_split(ids),

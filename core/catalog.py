@@ -27,6 +27,8 @@ import duckdb
 import shapely
 from shapely.geometry.base import BaseGeometry
 
+from core import filters
+
 IMAGE_MEDIA_PREFIX = "image/tiff"
 
 
@@ -53,6 +55,7 @@ class SearchQuery:
     ids: tuple[str, ...] = ()
     sortby: tuple[str, ...] = ("-datetime",)
     limit: int = 100
+    filter: dict[str, Any] | None = None  # CQL2-JSON, already parsed (core.filters.parse)
 
 
 class SearchError(ValueError):
@@ -180,6 +183,10 @@ class Catalog:
         if query.ids:
             where.append("id IN (SELECT unnest(?::VARCHAR[]))")
             params.append(list(query.ids))
+        if query.filter is not None:
+            fragment, values = filters.to_sql(query.filter, self.columns)
+            where.append(fragment)
+            params += values
         props = self._property_columns()
         select = ", ".join(
             [

@@ -115,6 +115,7 @@ class Engine:
             collections=query.collections,
             ids=query.ids,
             sortby=query.sortby,
+            filter=query.filter,
             limit=limit + 1,
         )
         items = await self.catalog.search(full)

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
-from async_geotiff import GeoTIFF, Window
+from async_geotiff import GeoTIFF, Overview
 from obstore.store import HTTPStore, LocalStore, from_url
 
 from core.plan import AssetRead, Header, Level
@@ -129,10 +129,54 @@ def header_of(href: str, geotiff: GeoTIFF) -> Header:
                 height=level.height,
                 tile_width=level.tile_width,
                 tile_height=level.tile_height,
+                tile_bytes=_tile_bytes(level),
             )
             for level in levels
         ),
     )
+
+
+def _tile_bytes(level: GeoTIFF | Overview) -> tuple[int, ...]:
+    data = list(level.ifd.tile_byte_counts or [])
+    if level.mask_ifd is not None and level.mask_ifd.tile_byte_counts:
+        data = [d + m for d, m in zip(data, level.mask_ifd.tile_byte_counts, strict=False)]
+    return tuple(data)
+
+
+class TileCache:
+    """Decoded internal tiles shared by the reads of one request (e.g. neighbouring chunks).
+
+    Entries are futures, so two chunks wanting the same tile at the same time fetch it once.
+    Bounded by bytes; least recently used tiles go first.
+    """
+
+    def __init__(self, max_bytes: int = 256 * 2**20) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[tuple, tuple[asyncio.Future, int]] = OrderedDict()
+
+    def get(self, key: tuple) -> asyncio.Future | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return entry[0]
+
+    def put(self, key: tuple, future: asyncio.Future, size: int) -> None:
+        self._entries[key] = (future, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes and len(self._entries) > 1:
+            _, (_, old) = self._entries.popitem(last=False)
+            self.bytes -= old
+
+    def drop(self, key: tuple) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.bytes -= entry[1]
 
 
 def valid_mask(
@@ -157,7 +201,7 @@ def valid_mask(
 
 
 class Fetcher:
-    """Opens COGs (cached) and reads planned windows, bounded and retried."""
+    """Opens COGs (cached) and reads planned windows tile by tile, bounded and retried."""
 
     def __init__(
         self,
@@ -171,10 +215,10 @@ class Fetcher:
     ) -> None:
         self.stores = stores or Stores()
         self._limit = asyncio.Semaphore(concurrency)
-        self._cache: OrderedDict[str, asyncio.Task[GeoTIFF]] = OrderedDict()
+        self._cache: OrderedDict[str, asyncio.Task[tuple[GeoTIFF, Header]]] = OrderedDict()
         self._cache_size = cache_size
         self._retry = {"retries": retries, "base": retry_base, "cap": retry_cap}
-        self.stats = {"header_hits": 0, "header_misses": 0, "reads": 0}
+        self.stats = {"header_hits": 0, "header_misses": 0, "reads": 0, "tiles": 0}
 
     async def _bounded(self, call: Callable[[], Awaitable[T]]) -> T:
         async def once() -> T:
@@ -183,8 +227,8 @@ class Fetcher:
 
         return await with_retries(once, **self._retry)
 
-    async def open(self, href: str) -> GeoTIFF:
-        """The opened GeoTIFF for `href`, from the LRU cache when possible."""
+    async def _opened(self, href: str) -> tuple[GeoTIFF, Header]:
+        """The opened GeoTIFF and its header, from the LRU cache when possible."""
         task = self._cache.get(href)
         if task is not None:
             self._cache.move_to_end(href)
@@ -192,7 +236,12 @@ class Fetcher:
         else:
             self.stats["header_misses"] += 1
             store, path = self.stores.get(href)
-            task = asyncio.ensure_future(self._bounded(lambda: GeoTIFF.open(path, store=store)))
+
+            async def open_() -> tuple[GeoTIFF, Header]:
+                geotiff = await self._bounded(lambda: GeoTIFF.open(path, store=store))
+                return geotiff, header_of(href, geotiff)
+
+            task = asyncio.ensure_future(open_())
             self._cache[href] = task
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
@@ -206,21 +255,78 @@ class Fetcher:
                 del self._cache[href]
             raise
 
-    async def header(self, href: str) -> Header:
-        return header_of(href, await self.open(href))
+    async def open(self, href: str) -> GeoTIFF:
+        return (await self._opened(href))[0]
 
-    async def read(self, read: AssetRead, *, nodata: float | None = None) -> Pixels:
-        """Decode one planned window; `nodata` overrides the file's nodata."""
+    async def header(self, href: str) -> Header:
+        return (await self._opened(href))[1]
+
+    async def read(
+        self, read: AssetRead, *, nodata: float | None = None, tiles: TileCache | None = None
+    ) -> Pixels:
+        """Decode one planned window from its internal tiles; `nodata` overrides the file's.
+
+        Tiles already in `tiles` (fetched for another read of the same request) are reused;
+        the others are fetched in one coalesced request.
+        """
         geotiff = await self.open(read.href)
         level = geotiff if read.level == 0 else geotiff.overviews[read.level - 1]
-        col, row, width, height = read.window
-        window = Window(col_off=col, row_off=row, width=width, height=height)
         self.stats["reads"] += 1
-        array = await self._bounded(lambda: level.read(window=window))
+        decoded = await self._tiles(read, level, tiles if tiles is not None else TileCache(0))
+        col, row, width, height = read.window
+        tw, th = level.tile_width, level.tile_height
+        first = decoded[0][0]
+        data = np.empty((first.shape[0], height, width), dtype=first.dtype)
+        mask = None if decoded[0][1] is None else np.empty((height, width), dtype=bool)
+        for (tx, ty), (tile_data, tile_mask) in zip(read.tiles, decoded, strict=True):
+            # overlap of the tile with the window, in window coordinates
+            c0, r0 = max(tx * tw, col), max(ty * th, row)
+            c1 = min((tx + 1) * tw, col + width)
+            r1 = min((ty + 1) * th, row + height)
+            src = np.s_[r0 - ty * th : r1 - ty * th, c0 - tx * tw : c1 - tx * tw]
+            dst = np.s_[r0 - row : r1 - row, c0 - col : c1 - col]
+            data[(slice(None), *dst)] = tile_data[(slice(None), *src)]
+            if mask is not None:
+                mask[dst] = tile_mask[src]
         data, valid = valid_mask(
-            array.data,
-            array.mask,
+            data,
+            mask,
             nodata if nodata is not None else read.nodata,
-            geotiff._alpha_band_idx,
+            geotiff._alpha_band_idx,  # async-geotiff has no public accessor for it
         )
         return Pixels(data=data, valid=valid)
+
+    async def _tiles(
+        self, read: AssetRead, level: GeoTIFF | Overview, cache: TileCache
+    ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        loop = asyncio.get_running_loop()
+        size = level.tile_width * level.tile_height * read.count * np.dtype(read.dtype).itemsize
+        futures: list[asyncio.Future] = []
+        missing: list[tuple[tuple[int, int], asyncio.Future]] = []
+        for xy in read.tiles:
+            key = (read.href, read.level, xy)
+            future = cache.get(key)
+            if future is None:
+                future = loop.create_future()
+                cache.put(key, future, size)
+                missing.append((xy, future))
+            futures.append(future)
+        if missing:
+            try:
+                fetched = await self._bounded(lambda: level.fetch_tiles([xy for xy, _ in missing]))
+            except BaseException as exc:
+                # Settle the shared futures so other reads waiting on these tiles do not hang.
+                for xy, future in missing:
+                    cache.drop((read.href, read.level, xy))
+                    if future.done():
+                        continue
+                    if isinstance(exc, Exception):
+                        future.set_exception(exc)
+                        future.exception()  # retrieved here: no "never retrieved" warning
+                    else:
+                        future.cancel()
+                raise
+            self.stats["tiles"] += len(fetched)
+            for (_, future), tile in zip(missing, fetched, strict=True):
+                future.set_result((tile.array.data, tile.array.mask))
+        return list(await asyncio.gather(*futures))

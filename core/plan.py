@@ -136,6 +136,7 @@ class Level:
     height: int
     tile_width: int
     tile_height: int
+    tile_bytes: tuple[int, ...] = ()  # compressed size of each internal tile, row-major
 
     @property
     def res(self) -> float:
@@ -166,6 +167,7 @@ class AssetRead:
     tiles: tuple[tuple[int, int], ...]  # internal (x, y) tiles the window touches
     transform: Affine  # of the window's top-left pixel
     dst_window: tuple[int, int, int, int]  # the part of the output grid this read can reach
+    bytes: int  # compressed bytes of the internal tiles (data and mask) to fetch
     crs: str
     res: float
     count: int
@@ -198,6 +200,10 @@ class ReadPlan:
     def tile_reads(self) -> int:
         return sum(len(r.tiles) for item in self.items for r in item.reads)
 
+    @property
+    def bytes(self) -> int:
+        return sum(r.bytes for item in self.items for r in item.reads)
+
     def to_dict(self) -> dict[str, Any]:
         def read_dict(r: AssetRead) -> dict[str, Any]:
             d = asdict(r)
@@ -219,6 +225,7 @@ class ReadPlan:
             "errors": [{"id": i, "error": why} for i, why in self.errors],
             "truncated": self.truncated,
             "tile_reads": self.tile_reads,
+            "bytes": self.bytes,
         }
 
     def describe(self) -> str:
@@ -228,6 +235,7 @@ class ReadPlan:
             f"bounds={tuple(round(b, 3) for b in self.grid.bounds)}",
             f"method={self.method} resampling={self.resampling} assets={','.join(self.assets)}"
             f" items={len(self.items)} internal tiles={self.tile_reads}"
+            f" bytes={self.bytes:,}"
             + (" (item limit reached: older items left out)" if self.truncated else ""),
         ]
         for n, item in enumerate(self.items, 1):
@@ -236,7 +244,7 @@ class ReadPlan:
                 lines.append(
                     f"       {r.asset}: level {r.level} (res {r.res:.3g}) window "
                     f"col={r.window[0]} row={r.window[1]} {r.window[2]}x{r.window[3]} "
-                    f"tiles={len(r.tiles)} {r.dtype}x{r.count} {r.href}"
+                    f"tiles={len(r.tiles)} ({r.bytes:,} B) {r.dtype}x{r.count} {r.href}"
                 )
         for item_id, why in self.skipped:
             lines.append(f"  skipped {item_id}: {why}")
@@ -292,6 +300,9 @@ def plan_asset(asset: str, header: Header, grid: Grid, resampling: str) -> Asset
         for ty in range(row0 // level.tile_height, (row0 + height - 1) // level.tile_height + 1)
         for tx in range(col0 // level.tile_width, (col0 + width - 1) // level.tile_width + 1)
     )
+    across = math.ceil(level.width / level.tile_width)
+    size = level.tile_bytes
+    fetch_bytes = sum(size[ty * across + tx] for tx, ty in tiles if ty * across + tx < len(size))
     return AssetRead(
         asset=asset,
         href=header.href,
@@ -300,6 +311,7 @@ def plan_asset(asset: str, header: Header, grid: Grid, resampling: str) -> Asset
         tiles=tiles,
         transform=transform,
         dst_window=dst_window,
+        bytes=fetch_bytes,
         crs=header.crs,
         res=level.res,
         count=header.count,

@@ -12,6 +12,7 @@ import pytest
 import rustac
 import shapely
 
+from core import filters
 from core.catalog import Catalog, SearchError, SearchQuery, parse_datetime_range
 
 
@@ -120,3 +121,44 @@ def test_default_asset_and_summary(catalog: Catalog) -> None:
 def test_not_a_catalog(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         Catalog(tmp_path / "nope.parquet")
+
+
+@pytest.mark.parametrize(
+    ("expression", "expected"),
+    [
+        ("collection = 'b' AND id < 'item-006'", ["item-001", "item-003", "item-005"]),
+        (
+            {"op": "in", "args": [{"property": "id"}, ["item-007", "item-042"]]},
+            ["item-007", "item-042"],
+        ),
+        (
+            "id LIKE 'item-09%' AND NOT collection = 'a'",
+            ["item-091", "item-093", "item-095", "item-097", "item-099"],
+        ),
+        ("id BETWEEN 'item-010' AND 'item-012'", ["item-010", "item-011", "item-012"]),
+    ],
+)
+def test_cql2_filters(catalog: Catalog, expression, expected: list[str]) -> None:
+    tree = filters.parse(expression)
+    found = catalog.search_sync(SearchQuery(filter=tree, sortby=("id",), limit=50))
+    assert [i.id for i in found] == expected
+
+
+@pytest.mark.parametrize(
+    ("expression", "needle"),
+    [
+        ("cloud_cover < 10", "unknown property"),
+        ("id = ", "not valid CQL2"),
+        ("S_INTERSECTS(geometry, POINT(1 2))", "not supported"),
+    ],
+)
+def test_bad_filters_say_why(catalog: Catalog, expression: str, needle: str) -> None:
+    with pytest.raises(filters.FilterError, match=needle):
+        catalog.search_sync(SearchQuery(filter=filters.parse(expression)))
+
+
+def test_filter_values_are_bound(catalog: Catalog) -> None:
+    tree = filters.parse({"op": "=", "args": [{"property": "id"}, "x' OR '1'='1"]})
+    sql, params = filters.to_sql(tree, catalog.columns)
+    assert "OR '1'" not in sql and params == ["x' OR '1'='1"]
+    assert catalog.search_sync(SearchQuery(filter=tree)) == []

@@ -83,6 +83,8 @@ def test_no_item_is_204(http: httpx.Client) -> None:
         (f"/tiles/{T}.gif", {}, 400, "format"),
         (f"/tiles/{T}", {"assets": "dem", "format": "jpeg"}, 400, "rescale"),
         ("/tiles/a/b/c", {}, 422, "z"),
+        (f"/tiles/{T}", {"filter": "cloudiness < 3"}, 400, "filter"),
+        (f"/tiles/{T}", {"filter": "id = "}, 400, "CQL2"),
     ],
 )
 def test_bad_input_is_a_clear_4xx(
@@ -174,3 +176,12 @@ def test_info(http: httpx.Client) -> None:
     info = http.get("/info").json()
     assert info["items"] >= 20 and info["default_assets"] == ["visual"]
     assert set(info["assets"]) >= {"visual", "dem"}
+
+
+def test_cql2_filter_selects_items(http: httpx.Client) -> None:
+    everything = http.get(f"/tiles/{T}.npy")
+    zone31 = http.get(f"/tiles/{T}.npy", params={"filter": "\"proj:code\" = 'EPSG:32631'"})
+    assert int(everything.headers["X-Terrazzo-Items"]) > int(zone31.headers["X-Terrazzo-Items"])
+    assert int(zone31.headers["X-Terrazzo-Items"]) >= 1
+    plan = http.get(f"/plan/WebMercatorQuad/{T}", params={"filter": "id LIKE 'demo-32632%'"})
+    assert {r["crs"] for i in plan.json()["items"] for r in i["reads"]} == {"EPSG:32632"}

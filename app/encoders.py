@@ -7,7 +7,10 @@ Post-processing follows TiTiler: `rescale` maps each band's min,max to 0..255 (u
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from rio_tiler.colormap import cmap
@@ -88,3 +91,47 @@ def encode(
 
         options = {"crs": crs, "transform": Affine(*transform[:6])}
     return render(data, mask=mask, img_format=driver, colormap=colormap, **options)
+
+
+# -- POST /chunks stream ("TZCH" frames; parsed by terrazzo.framing in the client) -----------
+
+CHUNKS_MEDIA_TYPE = "application/x-terrazzo-chunks"
+_FRAME_PREFIX = struct.Struct("<4sI")
+
+
+def frame(header: dict[str, Any], parts: Sequence[tuple[str, bytes]] = ()) -> bytes:
+    """b"TZCH" | uint32 LE header length | JSON header | payload (named parts, in order)."""
+    spans, offset = {}, 0
+    for name, blob in parts:
+        spans[name] = [offset, len(blob)]
+        offset += len(blob)
+    head = json.dumps({**header, "payload": spans, "payload_bytes": offset}).encode()
+    return _FRAME_PREFIX.pack(b"TZCH", len(head)) + head + b"".join(blob for _, blob in parts)
+
+
+def chunk_frame(result: Any) -> bytes:
+    """One chunk result (core.chunks.ChunkResult) as a frame: data C-order LE, mask packbits."""
+    g = result.grid
+    header: dict[str, Any] = {
+        "id": result.id,
+        "status": result.status,
+        "error": result.error,
+        "crs": g.crs,
+        "transform": list(g.transform)[:6],
+        "width": g.width,
+        "height": g.height,
+        "items": result.items,
+        "item_errors": [{"id": i, "error": e} for i, e in result.item_errors],
+        "seconds": round(result.seconds, 4),
+    }
+    if result.plan is not None:
+        header["plan"] = result.plan
+    parts: list[tuple[str, bytes]] = []
+    if result.data is not None:
+        data = result.data.astype(result.data.dtype.newbyteorder("<"), copy=False)
+        header.update(dtype=data.dtype.str, shape=list(data.shape), time=result.time)
+        parts = [
+            ("data", np.ascontiguousarray(data).tobytes()),
+            ("mask", np.packbits(result.valid, axis=None).tobytes()),
+        ]
+    return frame(header, parts)

@@ -11,9 +11,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from app import tiles
+from app import chunks, tiles
 from app.encoders import EncodeError
 from core.catalog import SearchError
+from core.chunks import LimitError
 from core.engine import Engine, ParamError, ReadFailed
 from core.filters import FilterError
 from core.plan import TileError
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         lifespan=lifespan,
     )
     app.include_router(tiles.router)
+    app.include_router(chunks.router)
 
     def error(status: int, exc: Exception, **extra: object) -> JSONResponse:
         return JSONResponse({"detail": str(exc), **extra}, status_code=status)
@@ -55,6 +57,10 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     @app.exception_handler(FilterError)
     async def bad_parameter(request: Request, exc: Exception) -> JSONResponse:
         return error(400, exc)
+
+    @app.exception_handler(LimitError)
+    async def over_limit(request: Request, exc: Exception) -> JSONResponse:
+        return error(413, exc)
 
     @app.exception_handler(TileError)
     async def no_such_tile(request: Request, exc: Exception) -> JSONResponse:

@@ -143,11 +143,37 @@ def _tile_bytes(level: GeoTIFF | Overview) -> tuple[int, ...]:
     return tuple(data)
 
 
+class _Batch:
+    """One coalesced fetch of several internal tiles, shared by every read that needs them.
+
+    The fetch runs as its own task so that one reader's cancellation (e.g. `first` having
+    filled its tile) does not fail the other readers; it is cancelled only when no reader
+    waits for it any more, so a cancelled request stops its store reads.
+    """
+
+    def __init__(self, task: asyncio.Task[dict]) -> None:
+        self.task = task
+        self.waiters = 0
+
+    @property
+    def reusable(self) -> bool:
+        return not self.task.done() or (not self.task.cancelled() and self.task.exception() is None)
+
+    async def get(self, xy: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+        self.waiters += 1
+        try:
+            return (await asyncio.shield(self.task))[xy]
+        finally:
+            self.waiters -= 1
+            if self.waiters == 0 and not self.task.done():
+                self.task.cancel()
+
+
 class TileCache:
     """Decoded internal tiles shared by the reads of one request (e.g. neighbouring chunks).
 
-    Entries are futures, so two chunks wanting the same tile at the same time fetch it once.
-    Bounded by bytes; least recently used tiles go first.
+    Entries are shared fetches, so two chunks wanting the same tile at the same time fetch it
+    once. Bounded by bytes; least recently used tiles go first; failed fetches are not kept.
     """
 
     def __init__(self, max_bytes: int = 256 * 2**20) -> None:
@@ -155,10 +181,13 @@ class TileCache:
         self.bytes = 0
         self.hits = 0
         self.misses = 0
-        self._entries: OrderedDict[tuple, tuple[asyncio.Future, int]] = OrderedDict()
+        self._entries: OrderedDict[tuple, tuple[_Batch, int]] = OrderedDict()
 
-    def get(self, key: tuple) -> asyncio.Future | None:
+    def get(self, key: tuple) -> _Batch | None:
         entry = self._entries.get(key)
+        if entry is not None and not entry[0].reusable:
+            self.drop(key)
+            entry = None
         if entry is None:
             self.misses += 1
             return None
@@ -166,8 +195,8 @@ class TileCache:
         self._entries.move_to_end(key)
         return entry[0]
 
-    def put(self, key: tuple, future: asyncio.Future, size: int) -> None:
-        self._entries[key] = (future, size)
+    def put(self, key: tuple, batch: _Batch, size: int) -> None:
+        self._entries[key] = (batch, size)
         self.bytes += size
         while self.bytes > self.max_bytes and len(self._entries) > 1:
             _, (_, old) = self._entries.popitem(last=False)
@@ -299,34 +328,20 @@ class Fetcher:
     async def _tiles(
         self, read: AssetRead, level: GeoTIFF | Overview, cache: TileCache
     ) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        loop = asyncio.get_running_loop()
         size = level.tile_width * level.tile_height * read.count * np.dtype(read.dtype).itemsize
-        futures: list[asyncio.Future] = []
-        missing: list[tuple[tuple[int, int], asyncio.Future]] = []
-        for xy in read.tiles:
-            key = (read.href, read.level, xy)
-            future = cache.get(key)
-            if future is None:
-                future = loop.create_future()
-                cache.put(key, future, size)
-                missing.append((xy, future))
-            futures.append(future)
+        batches = [cache.get((read.href, read.level, xy)) for xy in read.tiles]
+        missing = [xy for xy, batch in zip(read.tiles, batches, strict=True) if batch is None]
         if missing:
-            try:
-                fetched = await self._bounded(lambda: level.fetch_tiles([xy for xy, _ in missing]))
-            except BaseException as exc:
-                # Settle the shared futures so other reads waiting on these tiles do not hang.
-                for xy, future in missing:
-                    cache.drop((read.href, read.level, xy))
-                    if future.done():
-                        continue
-                    if isinstance(exc, Exception):
-                        future.set_exception(exc)
-                        future.exception()  # retrieved here: no "never retrieved" warning
-                    else:
-                        future.cancel()
-                raise
-            self.stats["tiles"] += len(fetched)
-            for (_, future), tile in zip(missing, fetched, strict=True):
-                future.set_result((tile.array.data, tile.array.mask))
-        return list(await asyncio.gather(*futures))
+            batch = _Batch(asyncio.ensure_future(self._fetch_tiles(level, missing)))
+            for xy in missing:
+                cache.put((read.href, read.level, xy), batch, size)
+            batches = [b or batch for b in batches]
+        return list(
+            await asyncio.gather(*(b.get(xy) for b, xy in zip(batches, read.tiles, strict=True)))
+        )
+
+    async def _fetch_tiles(self, level: GeoTIFF | Overview, xys: list[tuple[int, int]]) -> dict:
+        """Fetch (coalesced, bounded, retried) and decode tiles: {(x, y): (data, mask)}."""
+        fetched = await self._bounded(lambda: level.fetch_tiles(xys))
+        self.stats["tiles"] += len(fetched)
+        return {(t.x, t.y): (t.array.data, t.array.mask) for t in fetched}

@@ -38,3 +38,10 @@ class Settings(BaseSettings):
 
     # Request limits
     max_tilesize: int = Field(1024, ge=64, description="Largest tilesize a tile request may ask.")
+    max_chunks: int = Field(10_000, ge=1, description="Chunks in one POST /chunks request.")
+    max_chunk_pixels: int = Field(4096 * 4096, ge=1, description="Pixels (w*h) in one chunk.")
+
+    # Chunks
+    chunk_concurrency: int = Field(4, ge=1, description="Chunks of one request read at once.")
+    chunk_timeout_s: float = Field(120, gt=0, description="Time budget of one chunk.")
+    chunk_tile_cache_mb: int = Field(256, ge=0, description="Decoded tiles shared by chunks.")

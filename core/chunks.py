@@ -1,0 +1,235 @@
+"""Bulk array reads: many output grids ("chunks") in one request, each its own result.
+
+Each chunk goes through the same engine as a tile (plan → search → fetch → compute). Chunks of
+one request share decoded COG tiles (a request-scoped TileCache), run at most `concurrency` at a
+time, and are yielded as they finish. A chunk that fails becomes a result with its error; it
+never stops the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from core.bounded import run_bounded
+from core.catalog import SearchQuery
+from core.engine import Engine, ParamError, ReadFailed, ReadParams
+from core.fetch import TileCache
+from core.plan import Grid, ItemRead, ReadPlan
+
+GROUP_BY = ("day", "month", "year", "datetime", "item")
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    """One output grid: an id echoed back, a bbox in the request CRS, and its size."""
+
+    id: str
+    bbox: tuple[float, float, float, float]
+    width: int
+    height: int
+
+    @classmethod
+    def make(
+        cls,
+        id: str,
+        bbox: tuple[float, float, float, float],
+        *,
+        width: int | None = None,
+        height: int | None = None,
+        resolution: float | tuple[float, float] | None = None,
+    ) -> ChunkSpec:
+        """From width/height, or from a resolution (pixel size in CRS units)."""
+        minx, miny, maxx, maxy = bbox
+        if not (maxx > minx and maxy > miny):
+            raise ParamError(f"chunks[{id}].bbox: needs minx < maxx and miny < maxy, got {bbox}")
+        if resolution is not None:
+            rx, ry = resolution if isinstance(resolution, tuple) else (resolution, resolution)
+            if rx <= 0 or ry <= 0:
+                raise ParamError(f"chunks[{id}].resolution: must be positive, got {resolution}")
+            width = max(1, round((maxx - minx) / rx))
+            height = max(1, round((maxy - miny) / ry))
+        if not width or not height or width < 1 or height < 1:
+            raise ParamError(f"chunks[{id}]: give width and height (pixels) or a resolution")
+        return cls(id=id, bbox=bbox, width=int(width), height=int(height))
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+@dataclass
+class ChunkResult:
+    """A finished chunk. data is (time, band, y, x), valid is (time, y, x)."""
+
+    id: str
+    status: str  # "ok", "empty" (no item has data there) or "error"
+    grid: Grid
+    data: np.ndarray | None = None
+    valid: np.ndarray | None = None
+    time: list[str | None] = field(default_factory=list)
+    error: str | None = None
+    items: int = 0
+    item_errors: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    plan: dict[str, Any] | None = None  # dry runs only
+
+
+def group_key(item: ItemRead, group_by: str | None) -> str | None:
+    """The time label an item falls under (None: one layer for all items)."""
+    if group_by is None:
+        return None
+    if group_by == "item":
+        return f"{item.datetime or ''}/{item.item_id}"
+    if item.datetime is None:
+        return None
+    return {
+        "day": item.datetime[:10],
+        "month": item.datetime[:7],
+        "year": item.datetime[:4],
+        "datetime": item.datetime,
+    }[group_by]
+
+
+def split_plan(plan: ReadPlan, group_by: str | None) -> list[tuple[str | None, ReadPlan]]:
+    """One sub-plan per time label, labels ascending; mosaic order kept inside each."""
+    if group_by is None:
+        return [(None, plan)]
+    groups: dict[str | None, list[ItemRead]] = {}
+    for item in plan.items:
+        groups.setdefault(group_key(item, group_by), []).append(item)
+    return [
+        (label, dataclasses.replace(plan, items=tuple(items)))
+        for label, items in sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0] or ""))
+    ]
+
+
+async def read_chunk(
+    engine: Engine,
+    spec: ChunkSpec,
+    crs: str,
+    query: SearchQuery,
+    params: ReadParams,
+    *,
+    group_by: str | None = None,
+    dtype: str | None = None,
+    tiles: TileCache | None = None,
+    dry_run: bool = False,
+) -> ChunkResult:
+    """Read one chunk; every failure is captured in the result, cancellation is not."""
+    started = time.perf_counter()
+    grid = Grid.from_bounds(crs, spec.bbox, spec.width, spec.height)
+    result = ChunkResult(id=spec.id, status="ok", grid=grid)
+    try:
+        async with asyncio.timeout(engine.settings.chunk_timeout_s):
+            plan = await engine.plan(grid, query, params)
+            result.items = len(plan.items)
+            if dry_run:
+                result.plan = plan.to_dict()
+                result.status = "ok" if plan.items else "empty"
+                return result
+            await _fill(engine, result, plan, params, group_by, dtype, tiles)
+    except TimeoutError:
+        result.status = "error"
+        result.error = f"timeout: not done in {engine.settings.chunk_timeout_s} s"
+    except ReadFailed as exc:
+        result.status = "error"
+        result.error = str(exc)
+        result.item_errors = exc.errors
+    except Exception as exc:  # a bad COG or an unexpected bug: this chunk only
+        result.status = "error"
+        result.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        result.seconds = time.perf_counter() - started
+    return result
+
+
+async def _fill(
+    engine: Engine,
+    result: ChunkResult,
+    plan: ReadPlan,
+    params: ReadParams,
+    group_by: str | None,
+    dtype: str | None,
+    tiles: TileCache | None,
+) -> None:
+    if not plan.items:
+        if plan.errors:
+            raise ReadFailed(list(plan.errors))
+        result.status = "empty"
+        return
+    groups = split_plan(plan, group_by)
+    mosaics = await asyncio.gather(*(engine.execute(p, params, tiles) for _, p in groups))
+    if all(m is None for m in mosaics):
+        result.status = "empty"
+        return
+    template = next(m for m in mosaics if m is not None)
+    out_dtype = np.dtype(dtype) if dtype else template.data.dtype
+    g = plan.grid
+    data = np.zeros((len(groups), template.data.shape[0], g.height, g.width), dtype=out_dtype)
+    valid = np.zeros((len(groups), g.height, g.width), dtype=bool)
+    for t, mosaic in enumerate(mosaics):
+        if mosaic is not None:
+            data[t] = mosaic.data.astype(out_dtype, copy=False)
+            valid[t] = mosaic.valid
+            result.item_errors += mosaic.errors
+    result.data, result.valid = data, valid
+    result.time = [label for label, _ in groups]
+
+
+def check_limits(specs: list[ChunkSpec], *, max_chunks: int, max_pixels: int) -> None:
+    """Refuse a request beyond the server's limits before any work starts."""
+    if len(specs) > max_chunks:
+        raise LimitError(
+            f"chunks: {len(specs)} chunks in one request; the limit is {max_chunks} "
+            "(TERRAZZO_MAX_CHUNKS): split the request"
+        )
+    for spec in specs:
+        if spec.pixels > max_pixels:
+            side = int(math.sqrt(max_pixels))
+            raise LimitError(
+                f"chunks[{spec.id}]: {spec.width}x{spec.height} = {spec.pixels} pixels; the limit "
+                f"is {max_pixels} per chunk (TERRAZZO_MAX_CHUNK_PIXELS, e.g. {side}x{side})"
+            )
+
+
+class LimitError(ParamError):
+    """A request larger than a configured limit."""
+
+
+async def stream_chunks(
+    engine: Engine,
+    specs: Iterable[ChunkSpec],
+    crs: str,
+    query: SearchQuery,
+    params: ReadParams,
+    *,
+    group_by: str | None = None,
+    dtype: str | None = None,
+    dry_run: bool = False,
+) -> AsyncIterator[ChunkResult]:
+    """Results in completion order, at most `chunk_concurrency` chunks in flight."""
+    tiles = TileCache(engine.settings.chunk_tile_cache_mb * 2**20)
+
+    def one(spec: ChunkSpec):
+        return read_chunk(
+            engine,
+            spec,
+            crs,
+            query,
+            params,
+            group_by=group_by,
+            dtype=dtype,
+            tiles=tiles,
+            dry_run=dry_run,
+        )
+
+    async for result in run_bounded(specs, one, engine.settings.chunk_concurrency):
+        yield result

@@ -1,11 +1,13 @@
 """Reprojection of one source window onto (part of) an output grid; runs in the compute pool.
 
 Two kernels, one contract — (data, valid) in, (data, valid) out on the destination grid:
-- nearest: numpy, sampling source pixels at coordinates from GDAL's own approximate
-  transformer algorithm (re-implemented below, vectorised over rows), so results equal GDAL's
-  (and rio-tiler's) pixel for pixel, without GDAL's per-call set-up that dominated small tiles.
-- bilinear, cubic, average: `rasterio.warp.reproject`, the mask travelling as an alpha band so
-  the kernels are weighted by validity and no spare nodata value is needed.
+- nearest, up to 256² output pixels (web tiles): numpy, sampling source pixels at coordinates
+  from GDAL's own approximate-transformer algorithm (re-implemented below, vectorised over
+  rows), so results equal GDAL's (and rio-tiler's) pixel for pixel, without GDAL's per-call
+  set-up. Measured per 256² UTM→WebMercator tile: 1.5 ms vs GDAL's 4.2 ms.
+- everything else: `rasterio.warp.reproject`, the mask travelling as an alpha band so kernels
+  are weighted by validity and no spare nodata value is needed. For larger outputs GDAL's
+  single C pass wins over numpy's many (512² UTM→UTM: 1.7 ms vs 14.7 ms).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from affine import Affine
 from core.plan import transformer
 
 MAX_ERROR = 0.125  # GDAL's default approximation error, in source pixels
+NUMPY_NEAREST_MAX_PIXELS = 256 * 256  # above this, GDAL's nearest is faster (see above)
 _ALPHA_MAX = {"uint16": 65535, "int16": 32767}  # GDAL's default SRC_ALPHA_MAX per type
 
 Window = tuple[int, int, int, int]
@@ -39,7 +42,7 @@ def warp(
     col, row, w, h = window or (0, 0, width, height)
     out = np.zeros((data.shape[0], height, width), dtype=data.dtype)
     out_valid = np.zeros((height, width), dtype=bool)
-    if resampling == "nearest":
+    if resampling == "nearest" and w * h <= NUMPY_NEAREST_MAX_PIXELS:
         part, part_valid = _nearest(
             data, valid, src_transform, src_crs, dst_transform, dst_crs, width, (col, row, w, h)
         )

@@ -17,10 +17,10 @@ from terrazzo.framing import iter_frames, parse_frames
 
 from app.main import create_app
 from core.engine import Engine
+from core.faults import FaultyStore
 from core.fetch import Fetcher, Stores
 from core.settings import Settings
 from tests.conftest import Server, free_port
-from tests.faults import FaultyStore
 from tests.test_chunks_api import chunk_grid
 
 CORRUPT = "demo-32632-2024-06-01-05"  # an item in the middle of the strip, ~6.6–6.9°E

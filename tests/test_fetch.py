@@ -11,9 +11,9 @@ from affine import Affine
 from obstore.store import LocalStore
 
 from core.cogs import write_cog
+from core.faults import FaultyStore
 from core.fetch import Fetcher, Stores, is_transient, split_href, with_retries
 from core.plan import Grid, plan_asset
-from tests.faults import FaultyStore
 
 
 @pytest.fixture(scope="module")

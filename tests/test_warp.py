@@ -38,6 +38,20 @@ def test_nearest_equals_gdal(res: float, bar: float, dst_crs: str) -> None:
     assert (ours[:, both] == gdal[:, both]).mean() > bar
 
 
+def test_large_outputs_use_gdal_and_agree_with_the_numpy_kernel() -> None:
+    data = RNG.integers(1, 255, (1, 400, 400), dtype=np.uint8)
+    valid = np.ones((400, 400), dtype=bool)
+    dst = Affine(76.4, 0, 1042000, 0, -76.4, 5615000)
+    big, big_valid = warp(
+        data, valid, SRC, "EPSG:32632", dst, "EPSG:3857", (512, 512), None, "nearest"
+    )  # one 512² window: GDAL
+    quarter, _ = warp(
+        data, valid, SRC, "EPSG:32632", dst, "EPSG:3857", (512, 512), (0, 0, 256, 256), "nearest"
+    )  # 256² window: numpy (rows span 512 px)
+    assert big_valid[:256, :256].any()
+    assert (big[:, :256, :256] == quarter[:, :256, :256]).mean() > 0.999
+
+
 def test_window_gives_the_same_pixels_as_the_whole_grid() -> None:
     data = RNG.integers(1, 255, (1, 400, 400), dtype=np.uint8)
     valid = np.ones((400, 400), dtype=bool)

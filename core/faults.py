@@ -1,4 +1,8 @@
-"""A store wrapper for tests: injects failures or latency at the store boundary only."""
+"""A store wrapper that injects failures or latency at the store boundary (tests, benchmarks).
+
+It wraps a real obstore store, so everything above the store — async-geotiff, the engine, the
+service — runs unchanged; only the network is simulated.
+"""
 
 from __future__ import annotations
 

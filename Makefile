@@ -10,7 +10,7 @@ DEMO := $(DEMO_DIR)/items.parquet
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup serve test lint demo bench clean
+.PHONY: setup serve test lint demo bench bench-chunks clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,9 @@ test: lint
 
 bench: $(STAMP) $(DEMO)
 	$(BIN)/python bench/tiles.py --catalog $(DEMO)
+
+bench-chunks: $(STAMP) $(DEMO)
+	$(BIN)/python bench/chunks.py --catalog $(DEMO)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .ruff_cache

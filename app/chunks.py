@@ -121,7 +121,15 @@ async def chunks(request: Request, body: ChunksRequest) -> Any:
     )
     if body.dry_run:
         plans = [
-            {"id": r.id, "status": r.status, "error": r.error, "items": r.items, "plan": r.plan}
+            {
+                "id": r.id,
+                "status": r.status,
+                "error": r.error,
+                "items": r.items,
+                "time": r.time,
+                "layout": r.layout,
+                "plan": r.plan,
+            }
             async for r in results
         ]
         return JSONResponse(

@@ -22,6 +22,7 @@ from core.bounded import run_bounded
 from core.catalog import SearchQuery
 from core.engine import Engine, ParamError, ReadFailed, ReadParams
 from core.fetch import TileCache
+from core.mosaic import METHODS
 from core.plan import Grid, ItemRead, ReadPlan
 
 GROUP_BY = ("day", "month", "year", "datetime", "item")
@@ -80,6 +81,7 @@ class ChunkResult:
     item_errors: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     plan: dict[str, Any] | None = None  # dry runs only
+    layout: dict[str, Any] | None = None  # dry runs only: bands and dtype of the data
 
 
 def group_key(item: ItemRead, group_by: str | None) -> str | None:
@@ -134,6 +136,8 @@ async def read_chunk(
             if dry_run:
                 result.plan = plan.to_dict()
                 result.status = "ok" if plan.items else "empty"
+                result.time = [label for label, _ in split_plan(plan, group_by)]
+                result.layout = output_layout(plan, params, dtype)
                 return result
             await _fill(engine, result, plan, params, group_by, dtype, tiles)
     except TimeoutError:
@@ -182,6 +186,17 @@ async def _fill(
             result.item_errors += mosaic.errors
     result.data, result.valid = data, valid
     result.time = [label for label, _ in groups]
+
+
+def output_layout(plan: ReadPlan, params: ReadParams, dtype: str | None) -> dict[str, Any] | None:
+    """Bands and dtype a read of `plan` returns, without reading (for lazy clients)."""
+    if not plan.items:
+        return None
+    reads = plan.items[0].reads
+    bands = len(params.bidx) or sum(r.count for r in reads)
+    layer = np.result_type(*(np.dtype(r.dtype) for r in reads))
+    out = np.dtype(dtype) if dtype else METHODS[params.method].output_dtype(layer)
+    return {"bands": bands, "dtype": out.str}
 
 
 def check_limits(specs: list[ChunkSpec], *, max_chunks: int, max_pixels: int) -> None:

@@ -15,6 +15,11 @@ class MosaicMethod:
     #: True when a single layer is already the answer (no pool round trip needed).
     identity_for_one = True
 
+    @staticmethod
+    def output_dtype(dtype: np.dtype) -> np.dtype:
+        """The dtype of the result for input layers of `dtype` (rio-tiler keeps the input's)."""
+        return np.dtype(dtype)
+
     def __init__(self) -> None:
         self.data: np.ndarray | None = None
         self.valid: np.ndarray | None = None
@@ -104,10 +109,11 @@ class _Stack(MosaicMethod):
         out = np.ma.filled(out, 0)
         return self.cast(out, dtype), valid
 
-    @staticmethod
-    def cast(out: np.ndarray, dtype: np.dtype) -> np.ndarray:
-        """Keep the input dtype (rio-tiler's default), rounding for integers."""
-        if np.dtype(dtype).kind in "iu":
+    @classmethod
+    def cast(cls, out: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        """To `output_dtype`, rounding and clipping for integers."""
+        dtype = cls.output_dtype(dtype)
+        if dtype.kind in "iu":
             info = np.iinfo(dtype)
             return np.clip(np.rint(out), info.min, info.max).astype(dtype)
         return out.astype(dtype)
@@ -132,8 +138,8 @@ class Stdev(_Stack):
         return stack.std(axis=0)
 
     @staticmethod
-    def cast(out: np.ndarray, dtype: np.dtype) -> np.ndarray:
-        return out.astype("float32")
+    def output_dtype(dtype: np.dtype) -> np.dtype:
+        return np.dtype("float32")
 
 
 class Count(_Stack):
@@ -145,8 +151,8 @@ class Count(_Stack):
         return stack.count(axis=0)
 
     @staticmethod
-    def cast(out: np.ndarray, dtype: np.dtype) -> np.ndarray:
-        return out.astype("uint16")
+    def output_dtype(dtype: np.dtype) -> np.dtype:
+        return np.dtype("uint16")
 
 
 METHODS: dict[str, type[MosaicMethod]] = {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +10,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from obstore.store import LocalStore
 from terrazzo.framing import iter_frames, parse_frames
 
@@ -20,7 +18,7 @@ from core.engine import Engine
 from core.faults import FaultyStore
 from core.fetch import Fetcher, Stores
 from core.settings import Settings
-from tests.conftest import Server, free_port
+from tests.conftest import Server, serve_in_thread
 from tests.test_chunks_api import chunk_grid
 
 CORRUPT = "demo-32632-2024-06-01-05"  # an item in the middle of the strip, ~6.6–6.9°E
@@ -74,21 +72,10 @@ def slow_server(demo_catalog: Path) -> Iterator[tuple[str, FaultyStore]]:
     store = FaultyStore(LocalStore(), delay=0.4)
     settings = Settings(catalog=demo_catalog, chunk_concurrency=8, compute_workers=1)
     engine = Engine(settings, fetcher=Fetcher(stores=Stores(lambda key: store)))
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(settings, engine=engine), host="127.0.0.1", port=port, log_level="warning"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{port}", store
+        with serve_in_thread(create_app(settings, engine=engine)) as url:
+            yield url, store
     finally:
-        server.should_exit = True
-        thread.join(timeout=15)
         engine.close()
 
 

@@ -70,33 +70,52 @@ def decode(header: dict[str, Any], payload: bytes) -> Chunk:
     return chunk
 
 
-def iter_frames(chunks: Iterable[bytes]) -> Iterator[Chunk]:
-    """Chunks from a byte stream (e.g. httpx's `iter_bytes()`), as soon as each is complete."""
-    buffer = bytearray()
-    ended = False
-    for piece in chunks:
-        buffer += piece
-        while True:
-            if len(buffer) < _PREFIX.size:
-                break
-            magic, head_len = _PREFIX.unpack_from(buffer)
+class _Parser:
+    """Incremental frame parser shared by the sync and async iterators."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.ended = False
+
+    def feed(self, piece: bytes) -> Iterator[Chunk]:
+        self.buffer += piece
+        while len(self.buffer) >= _PREFIX.size:
+            magic, head_len = _PREFIX.unpack_from(self.buffer)
             if magic != MAGIC:
                 raise FramingError("not a Terrazzo chunk stream (bad frame magic)")
             start = _PREFIX.size
-            if len(buffer) < start + head_len:
-                break
-            header = json.loads(bytes(buffer[start : start + head_len]))
+            if len(self.buffer) < start + head_len:
+                return
+            header = json.loads(bytes(self.buffer[start : start + head_len]))
             end = start + head_len + int(header.get("payload_bytes", 0))
-            if len(buffer) < end:
-                break
-            payload = bytes(buffer[start + head_len : end])
-            del buffer[:end]
+            if len(self.buffer) < end:
+                return
+            payload = bytes(self.buffer[start + head_len : end])
+            del self.buffer[:end]
             chunk = decode(header, payload)
-            if chunk.status == "end":
-                ended = True
+            self.ended = self.ended or chunk.status == "end"
             yield chunk
-    if buffer or not ended:
-        raise FramingError("the chunk stream was cut short (no end frame)")
+
+    def close(self) -> None:
+        if self.buffer or not self.ended:
+            raise FramingError("the chunk stream was cut short (no end frame)")
+
+
+def iter_frames(chunks: Iterable[bytes]) -> Iterator[Chunk]:
+    """Chunks from a byte stream (e.g. httpx's `iter_bytes()`), as soon as each is complete."""
+    parser = _Parser()
+    for piece in chunks:
+        yield from parser.feed(piece)
+    parser.close()
+
+
+async def aiter_frames(chunks: Any) -> Any:
+    """Like `iter_frames`, over an async byte stream (httpx's `aiter_bytes()`)."""
+    parser = _Parser()
+    async for piece in chunks:
+        for chunk in parser.feed(piece):
+            yield chunk
+    parser.close()
 
 
 def parse_frames(body: bytes) -> list[Chunk]:

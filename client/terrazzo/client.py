@@ -1,0 +1,432 @@
+"""AsyncClient (the one implementation) and Client (a blocking layer over it).
+
+Why this shape (see the seeds in the project's shared notes):
+- One shared httpx connection pool per client, bounded by `concurrency`; every fan-out is
+  bounded by the same semaphore.
+- Retries on 429/502/503/504 and transport errors with exponential backoff and full jitter,
+  honouring Retry-After up to `retry_after_cap`; past the cap or the last retry, a
+  multi-chunk read raises `ReadInterrupted` carrying what finished and a `resume()`.
+- Cancellation (task cancel, Ctrl-C) is never caught as a transient: only `Exception`s are.
+- `Client` runs the async code on its own event-loop thread, so it works the same from a
+  script, from Jupyter (where a loop is already running) and from Dask workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import io
+import random
+import sys
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import httpx
+import numpy as np
+
+from terrazzo import layout
+from terrazzo.errors import ReadInterrupted, ServerError, TransientError
+from terrazzo.framing import MEDIA_TYPE, Chunk, FramingError, aiter_frames
+
+T = TypeVar("T")
+RETRY_STATUS = {429, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a client needs, picklable (Dask ships it to workers)."""
+
+    url: str
+    concurrency: int = 16
+    retries: int = 4
+    timeout: float = 120.0
+    backoff: float = 0.5
+    backoff_cap: float = 30.0
+    retry_after_cap: float = 60.0
+    chunks_per_request: int = 8
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _show_progress(progress: bool | None) -> bool:
+    if progress is not None:
+        return progress
+    return "ipykernel" in sys.modules or sys.stderr.isatty()
+
+
+class _Progress:
+    """tqdm when there is one and it is wanted; otherwise nothing."""
+
+    def __init__(self, total: int, enabled: bool, desc: str) -> None:
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, unit="chunk")
+            except ImportError:
+                self.bar = None
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class AsyncClient:
+    """Terrazzo client for asyncio code: `await client.read(...)`, `await client.tile(...)`."""
+
+    def __init__(self, url: str, **options: Any) -> None:
+        self.config = Config(url=url.rstrip("/"), **options)
+        self._http: httpx.AsyncClient | None = None
+        self._limit: asyncio.Semaphore | None = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    def _client(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+        if self._http is None or self._limit is None:
+            c = self.config
+            self._http = httpx.AsyncClient(
+                base_url=c.url,
+                timeout=c.timeout,
+                headers=c.headers,
+                limits=httpx.Limits(max_connections=c.concurrency),
+            )
+            self._limit = asyncio.Semaphore(c.concurrency)
+        return self._http, self._limit
+
+    # -- retries -----------------------------------------------------------------------------
+
+    def _delay(self, attempt: int, error: TransientError) -> float:
+        """Full-jitter backoff; a server's Retry-After wins (it knows), up to the cap."""
+        c = self.config
+        if error.retry_after is not None:
+            return error.retry_after
+        return random.uniform(0, min(c.backoff_cap, c.backoff * 2**attempt))
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except TransientError as exc:
+                too_long = (exc.retry_after or 0) > self.config.retry_after_cap
+                if attempt >= self.config.retries or too_long:
+                    raise
+                await asyncio.sleep(self._delay(attempt, exc))
+                attempt += 1
+
+    @staticmethod
+    def _check(response: httpx.Response, body: bytes) -> None:
+        if response.status_code < 400:
+            return
+        try:
+            payload = httpx.Response(200, content=body).json()
+            detail = payload.get("detail", body.decode(errors="replace"))
+        except Exception:
+            payload, detail = None, body.decode(errors="replace")[:500]
+        if response.status_code in RETRY_STATUS:
+            after = response.headers.get("Retry-After")
+            raise TransientError(
+                f"HTTP {response.status_code}: {detail}",
+                retry_after=float(after) if after and after.replace(".", "", 1).isdigit() else None,
+            )
+        raise ServerError(response.status_code, str(detail), payload)
+
+    async def _get(self, path: str, params: dict[str, Any]) -> httpx.Response:
+        http, limit = self._client()
+
+        async def once() -> httpx.Response:
+            async with limit:
+                try:
+                    response = await http.get(path, params=_query(params))
+                except httpx.TransportError as exc:
+                    raise TransientError(f"{type(exc).__name__}: {exc}") from exc
+            self._check(response, response.content)
+            return response
+
+        return await self._retrying(once)
+
+    # -- tiles -------------------------------------------------------------------------------
+
+    async def tile_bytes(
+        self,
+        z: int,
+        x: int,
+        y: int,
+        *,
+        tms: str = "WebMercatorQuad",
+        format: str = "png",
+        **params: Any,
+    ) -> bytes:
+        """The encoded tile image (png, jpeg, webp, npy, tif); b"" when no item covers it."""
+        response = await self._get(f"/tiles/{tms}/{z}/{x}/{y}.{format}", params)
+        return response.content
+
+    async def tile(
+        self, z: int, x: int, y: int, *, tms: str = "WebMercatorQuad", **params: Any
+    ) -> np.ma.MaskedArray | None:
+        """The tile as a (band, y, x) masked array; None when no item covers it."""
+        body = await self.tile_bytes(z, x, y, tms=tms, format="npy", **params)
+        if not body:
+            return None
+        stacked = np.load(io.BytesIO(body))
+        data, mask = stacked[:-1], stacked[-1] == 0
+        return np.ma.MaskedArray(data, mask=np.broadcast_to(mask, data.shape))
+
+    async def info(self) -> dict[str, Any]:
+        return (await self._get("/info", {})).json()
+
+    # -- chunks ------------------------------------------------------------------------------
+
+    async def stream_chunks(
+        self, chunks: Sequence[dict[str, Any]], body: dict[str, Any]
+    ) -> AsyncIterator[Chunk]:
+        """One POST /chunks, frames as they arrive (no retries: see `fetch_chunks`)."""
+        http, limit = self._client()
+        async with limit:
+            try:
+                async with http.stream(
+                    "POST",
+                    "/chunks",
+                    json={**body, "chunks": layout.wire(chunks)},
+                    headers={"accept": MEDIA_TYPE},
+                ) as response:
+                    if response.status_code >= 400:
+                        self._check(response, await response.aread())
+                    async for chunk in aiter_frames(response.aiter_bytes()):
+                        yield chunk
+            except httpx.TransportError as exc:
+                raise TransientError(f"{type(exc).__name__}: {exc}") from exc
+            except FramingError as exc:
+                raise TransientError(str(exc)) from exc
+
+    async def fetch_chunks(
+        self,
+        chunks: Sequence[dict[str, Any]],
+        body: dict[str, Any],
+        *,
+        finished: dict[str, Chunk] | None = None,
+        progress: bool | None = None,
+    ) -> dict[str, Chunk]:
+        """Every chunk by id, in batches per request, retried; resumable when interrupted.
+
+        Chunks already in `finished` are not read again. A chunk the server reports as an
+        error is retried with its batch; after the last retry the read is interrupted.
+        """
+        done: dict[str, Chunk] = dict(finished or {})
+        todo = [c for c in chunks if c["id"] not in done]
+        size = max(1, self.config.chunks_per_request)
+        batches = [todo[i : i + size] for i in range(0, len(todo), size)]
+        bar = _Progress(len(chunks), _show_progress(progress), "terrazzo")
+        bar.update(len(chunks) - len(todo))
+
+        async def batch_task(batch: list[dict[str, Any]]) -> None:
+            pending = {c["id"]: c for c in batch}
+
+            async def attempt() -> None:
+                async for chunk in self.stream_chunks(list(pending.values()), body):
+                    if chunk.id in pending and chunk.status in ("ok", "empty"):
+                        done[chunk.id] = chunk
+                        del pending[chunk.id]
+                        bar.update()
+                if pending:
+                    raise TransientError(f"{len(pending)} chunks failed on the server")
+
+            await self._retrying(attempt)
+
+        tasks = [asyncio.ensure_future(batch_task(b)) for b in batches]
+        try:
+            failure: BaseException | None = None
+            for task in asyncio.as_completed(tasks):
+                try:
+                    await task
+                except (TransientError, ServerError) as exc:
+                    failure = failure or exc
+        finally:
+            for task in tasks:
+                task.cancel()
+            bar.close()
+        if failure is not None:
+            missing = [c["id"] for c in chunks if c["id"] not in done]
+            if isinstance(failure, ServerError) and not done:
+                raise failure
+
+            async def again(previous: dict[str, Chunk]) -> dict[str, Chunk]:
+                return await self.fetch_chunks(chunks, body, finished=previous, progress=progress)
+
+            raise ReadInterrupted(failure, done, missing, again)
+        return done
+
+    # -- arrays ------------------------------------------------------------------------------
+
+    async def read(
+        self,
+        bbox: Sequence[float],
+        *,
+        crs: str,
+        resolution: float | tuple[float, float] | None = None,
+        shape: tuple[int, int] | None = None,
+        chunk_size: int = 512,
+        progress: bool | None = None,
+        **params: Any,
+    ) -> Any:
+        """The area as an eager xarray.DataArray (time, band, y, x), read chunk by chunk.
+
+        `params` are the request's read and search fields: assets, bidx, datetime, collections,
+        ids, filter, sortby, method, resampling, dtype, nodata, group_by.
+        """
+        grid = layout.Grid.make(bbox, crs=crs, resolution=resolution, shape=shape)
+        specs = grid.chunk_specs(chunk_size)
+        body = layout.request_body(crs, params)
+
+        async def finish(finished: dict[str, Chunk]) -> Any:
+            try:
+                chunks = await self.fetch_chunks(specs, body, finished=finished, progress=progress)
+            except ReadInterrupted as exc:
+                exc._continuation = finish
+                raise
+            return layout.assemble(grid, specs, chunks, params)
+
+        return await finish({})
+
+    async def open(
+        self,
+        bbox: Sequence[float],
+        *,
+        crs: str,
+        resolution: float | tuple[float, float] | None = None,
+        shape: tuple[int, int] | None = None,
+        chunk_size: int = 512,
+        **params: Any,
+    ) -> Any:
+        """A lazy, Dask-backed DataArray: one Dask chunk per chunk request.
+
+        A dry run first learns the time labels, bands and dtype, so nothing is read until
+        `.compute()` (which, on a dask.distributed cluster, spreads the reads over workers).
+        """
+        grid = layout.Grid.make(bbox, crs=crs, resolution=resolution, shape=shape)
+        specs = grid.chunk_specs(chunk_size)
+        body = layout.request_body(crs, params)
+        plans = await self.dry_run(specs, body)
+        return layout.lazy(self.config, grid, specs, body, plans, params)
+
+    async def dry_run(
+        self, specs: Sequence[dict[str, Any]], body: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """The server's read plans for `specs` (no pixels read)."""
+        http, limit = self._client()
+        out: list[dict[str, Any]] = []
+
+        async def once(part: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            async with limit:
+                try:
+                    r = await http.post(
+                        "/chunks", json={**body, "chunks": layout.wire(part), "dry_run": True}
+                    )
+                except httpx.TransportError as exc:
+                    raise TransientError(str(exc)) from exc
+            self._check(r, r.content)
+            return r.json()["chunks"]
+
+        for i in range(0, len(specs), 1000):
+            part = list(specs[i : i + 1000])
+            out += await self._retrying(lambda part=part: once(part))
+        return out
+
+
+def _query(params: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Query pairs; lists become repeated keys (TiTiler's spelling)."""
+    pairs: list[tuple[str, Any]] = []
+    for key, value in params.items():
+        if value is None:
+            continue
+        if isinstance(value, list | tuple):
+            pairs += [(key, str(v)) for v in value]
+        else:
+            pairs.append((key, str(value)))
+    return pairs
+
+
+class Client:
+    """Blocking Terrazzo client: the AsyncClient's methods run on a private loop thread.
+
+    Works where a loop is already running (Jupyter) and never falls back to serial reads.
+    Ctrl-C or cancelling the caller cancels the work on the loop thread.
+    """
+
+    def __init__(self, url: str, **options: Any) -> None:
+        self._async = AsyncClient(url, **options)
+        self.config = self._async.config
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, daemon=True, name="terrazzo-client"
+        )
+        self._thread.start()
+
+    def _run(self, coro: Awaitable[T]) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
+        try:
+            while True:  # short waits, so Ctrl-C is seen at once on every platform
+                try:
+                    return future.result(timeout=0.2)
+                except concurrent.futures.TimeoutError:
+                    continue
+        except ReadInterrupted as exc:
+            exc._runner = self._run
+            raise
+        except BaseException:
+            future.cancel()  # Ctrl-C / cancellation: stop the work, then let it propagate
+            raise
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._run(self._async.aclose())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+
+    def __del__(self) -> None:
+        if getattr(self, "_loop", None) is not None and self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+    def tile(self, z: int, x: int, y: int, **kwargs: Any) -> np.ma.MaskedArray | None:
+        return self._run(self._async.tile(z, x, y, **kwargs))
+
+    def tile_bytes(self, z: int, x: int, y: int, **kwargs: Any) -> bytes:
+        return self._run(self._async.tile_bytes(z, x, y, **kwargs))
+
+    def info(self) -> dict[str, Any]:
+        return self._run(self._async.info())
+
+    def read(self, bbox: Sequence[float], **kwargs: Any) -> Any:
+        return self._run(self._async.read(bbox, **kwargs))
+
+    def open(self, bbox: Sequence[float], **kwargs: Any) -> Any:
+        return self._run(self._async.open(bbox, **kwargs))
+
+    def fetch_chunks(
+        self, chunks: Sequence[dict[str, Any]], body: dict[str, Any], **kwargs: Any
+    ) -> dict[str, Chunk]:
+        return self._run(self._async.fetch_chunks(chunks, body, **kwargs))
+
+
+__all__ = ["AsyncClient", "Client", "Config"]

@@ -1,0 +1,64 @@
+"""Client errors: what the server refused, and reads interrupted with their partial results."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+
+class TerrazzoError(Exception):
+    """Base of the client's errors."""
+
+
+class ServerError(TerrazzoError):
+    """The server answered with an error; `detail` is its message (what to fix, for a 4xx)."""
+
+    def __init__(self, status: int, detail: str, body: Any = None) -> None:
+        self.status = status
+        self.detail = detail
+        self.body = body
+        super().__init__(f"HTTP {status}: {detail}")
+
+
+class TransientError(TerrazzoError):
+    """A failure worth retrying (429/502/503/504, a dropped connection, a cut stream)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class ReadInterrupted(TerrazzoError):
+    """A multi-chunk read that ran out of retries. Nothing finished is lost.
+
+    `finished` maps chunk ids to the chunks received; `missing` lists the ids still to read.
+    `resume()` (or `await resume_async()`) reads only the missing chunks and returns what the
+    original call would have returned.
+    """
+
+    def __init__(
+        self,
+        cause: BaseException,
+        finished: dict[str, Any],
+        missing: list[str],
+        continuation: Callable[[dict[str, Any]], Awaitable[Any]],
+    ) -> None:
+        self.cause = cause
+        self.finished = finished
+        self.missing = missing
+        self._continuation = continuation
+        self._runner: Callable[[Awaitable[Any]], Any] | None = None
+        super().__init__(
+            f"read interrupted after retries ({cause}); {len(finished)} chunks done, "
+            f"{len(missing)} missing: call .resume() to finish"
+        )
+
+    async def resume_async(self) -> Any:
+        return await self._continuation(self.finished)
+
+    def resume(self) -> Any:
+        """Blocking resume (from a sync Client, or from a script with no running loop)."""
+        if self._runner is not None:
+            return self._runner(self.resume_async())
+        return asyncio.run(self.resume_async())

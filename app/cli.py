@@ -23,6 +23,8 @@ def _serve(args: argparse.Namespace) -> int:
         for k, v in (("catalog", args.catalog), ("host", args.host), ("port", args.port))
         if v is not None
     }
+    if args.allow:
+        overrides["allow"] = ",".join([os.environ.get("TERRAZZO_ALLOW", ""), *args.allow])
     settings = Settings(**overrides)
     if settings.catalog is None:
         print(
@@ -87,6 +89,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--catalog", help="STAC-GeoParquet file (env TERRAZZO_CATALOG).")
     s.add_argument("--host", help="Address to bind (default 127.0.0.1).")
     s.add_argument("--port", type=int, help="Port (default 8000).")
+    s.add_argument(
+        "--allow",
+        action="append",
+        metavar="PREFIX",
+        help="Also allow reads under this directory or URL prefix (repeatable; "
+        "env TERRAZZO_ALLOW, comma-separated). Needed for internal hosts.",
+    )
     s.set_defaults(run=_serve)
 
     i = sub.add_parser(

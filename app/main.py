@@ -33,6 +33,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         app.state.engine = engine or Engine(settings)
         await asyncio.to_thread(app.state.engine.compute.warm)
         log.info("serving %s", app.state.engine.catalog.summary())
+        print(app.state.engine.access_report(), flush=True)
         try:
             yield
         finally:

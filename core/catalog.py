@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -252,9 +253,22 @@ class Catalog:
         """Relative hrefs are relative to the catalog file's directory."""
         if "://" in href or href.startswith("/"):
             return href
-        return str((self.path.parent / href).resolve())
+        # normalised, not resolved: symlinks stay visible to the access policy
+        return os.path.abspath(self.path.parent / href)
 
     # -- summaries ---------------------------------------------------------------------------
+
+    def href_dirs(self) -> list[tuple[str, int, str, str]]:
+        """(directory or URL prefix of asset hrefs, item count, an item id, an href), for the
+        access policy's defaults and its start-up report (one row per directory, not per item)."""
+        rows: list[tuple[str, int, str, str]] = []
+        for name in self.asset_names:
+            column = f"assets.{_quote(name)}.href"
+            rows += self._root.execute(
+                f"SELECT regexp_extract({column}, '^(.*)/', 1) AS dir, count(*), min(id),"
+                f" min({column}) FROM items WHERE {column} IS NOT NULL GROUP BY dir"
+            ).fetchall()
+        return [(d, n, i, self.resolve_href(h)) for d, n, i, h in rows]
 
     def _asset_names(self) -> tuple[str, ...]:
         kind = self.columns["assets"]

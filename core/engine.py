@@ -15,6 +15,7 @@ import numpy as np
 import shapely
 
 from core import compute
+from core.access import AccessDenied, AccessPolicy, is_url, remote_prefix
 from core.catalog import Catalog, Item, SearchQuery
 from core.compute import ComputePool, Source, Target
 from core.fetch import Fetcher, TileCache
@@ -84,6 +85,31 @@ class Engine:
             retry_cap=settings.retry_cap_s,
         )
         self.compute = ComputePool(settings.compute_workers)
+        dirs = self.catalog.href_dirs()
+        self.policy = AccessPolicy.build(
+            self.catalog.path.parent,
+            used=[remote_prefix(href) for _, _, _, href in dirs if is_url(href)],
+            allow=settings.allow.split(","),
+        )
+        self.fetcher.policy = self.policy
+        self.refused = self._refused(dirs)
+
+    def _refused(self, dirs: list[tuple[str, int, str, str]]) -> list[tuple[int, str, str]]:
+        """(items, example href, why) for each directory or prefix the policy refuses."""
+        refused = []
+        for _, count, _, href in dirs:
+            try:
+                self.policy.check(href)
+            except AccessDenied as exc:
+                refused.append((count, href, str(exc)))
+        return refused
+
+    def access_report(self) -> str:
+        lines = self.policy.describe()
+        total = sum(n for n, _, _ in self.refused)
+        lines.append(f"items refused by the access policy: {total}")
+        lines += [f"  {n} like {href}: {why}" for n, href, why in self.refused[:5]]
+        return "\n".join(lines)
 
     def close(self) -> None:
         self.compute.close()

@@ -25,8 +25,10 @@ from urllib.parse import urlsplit
 
 import numpy as np
 from async_geotiff import GeoTIFF, Overview
-from obstore.store import HTTPStore, LocalStore, from_url
+from obstore.store import LocalStore, from_url
 
+from core.access import AccessPolicy
+from core.httpstore import HTTPRangeStore
 from core.plan import AssetRead, Header, Level
 
 T = TypeVar("T")
@@ -99,7 +101,7 @@ class Stores:
         if key == "file":
             return LocalStore()
         if key.startswith(("http://", "https://")):
-            return HTTPStore.from_url(key)
+            return HTTPRangeStore(key)  # never follows redirects (see core.access)
         return from_url(key)
 
     def get(self, href: str) -> tuple[Any, str]:
@@ -241,8 +243,10 @@ class Fetcher:
         retry_base: float = 0.05,
         retry_cap: float = 2.0,
         stores: Stores | None = None,
+        policy: AccessPolicy | None = None,
     ) -> None:
         self.stores = stores or Stores()
+        self.policy = policy  # None: every href is readable (library use, tests)
         self._limit = asyncio.Semaphore(concurrency)
         self._cache: OrderedDict[str, asyncio.Task[tuple[GeoTIFF, Header]]] = OrderedDict()
         self._cache_size = cache_size
@@ -258,6 +262,8 @@ class Fetcher:
 
     async def _opened(self, href: str) -> tuple[GeoTIFF, Header]:
         """The opened GeoTIFF and its header, from the LRU cache when possible."""
+        if self.policy is not None:
+            self.policy.check(href)  # before any store is touched
         task = self._cache.get(href)
         if task is not None:
             self._cache.move_to_end(href)

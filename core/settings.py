@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
 
+    # Access: local roots or URL prefixes allowed besides the catalog's own (comma-separated)
+    allow: str = Field("", description="Extra allowed stores: directories or URL prefixes.")
+
     # Search stage
     search_threads: int = Field(2, ge=1, description="DuckDB worker threads (one cursor each).")
     max_items: int = Field(100, ge=1, description="Items per tile or chunk, first in sort order.")

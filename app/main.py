@@ -9,11 +9,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from app import chunks, tiles
 from app.encoders import EncodeError
-from core.catalog import SearchError
+from app.guard import BodyTooLarge, Guard
+from core.catalog import SearchError, SearchQuery
 from core.chunks import LimitError
 from core.engine import Engine, ParamError, ReadFailed
 from core.filters import FilterError
@@ -48,6 +50,15 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     )
     app.include_router(tiles.router)
     app.include_router(chunks.router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=[o.strip() for o in settings.cors_origins.split(",") if o.strip()],
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            expose_headers=["X-Terrazzo-Items", "X-Terrazzo-Errors", "Server-Timing"],
+        )
+    app.add_middleware(Guard, settings=settings)
 
     def error(status: int, exc: Exception, **extra: object) -> JSONResponse:
         return JSONResponse({"detail": str(exc), **extra}, status_code=status)
@@ -58,6 +69,15 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     @app.exception_handler(FilterError)
     async def bad_parameter(request: Request, exc: Exception) -> JSONResponse:
         return error(400, exc)
+
+    @app.exception_handler(BodyTooLarge)
+    async def body_too_large(request: Request, exc: Exception) -> JSONResponse:
+        return error(413, exc)
+
+    @app.exception_handler(TimeoutError)
+    async def too_slow(request: Request, exc: Exception) -> JSONResponse:
+        limit = request.app.state.engine.settings.tile_timeout_s
+        return error(504, TimeoutError(f"not done in {limit} s (TERRAZZO_TILE_TIMEOUT_S)"))
 
     @app.exception_handler(LimitError)
     async def over_limit(request: Request, exc: Exception) -> JSONResponse:
@@ -88,6 +108,26 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz(request: Request) -> JSONResponse:
+        """Ready when the catalog answers and the compute pool runs a job, each within 2 s."""
+        engine = request.app.state.engine
+        checks = {}
+        try:
+            async with asyncio.timeout(2):
+                await engine.catalog.search(SearchQuery(limit=1))
+            checks["catalog"] = "ok"
+        except Exception as exc:
+            checks["catalog"] = f"{type(exc).__name__}: {exc}"
+        try:
+            async with asyncio.timeout(2):
+                await engine.compute.ping()
+            checks["compute_pool"] = "ok"
+        except Exception as exc:
+            checks["compute_pool"] = f"{type(exc).__name__}: {exc}"
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
 
     @app.get("/info", summary="Catalog summary: item count, extent, dates, assets")
     async def info(request: Request) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from functools import partial
 from typing import Annotated
 
@@ -45,7 +46,8 @@ async def _tile(
     if tilesize > limit:
         raise ParamError(f"tilesize: {tilesize} is above this server's limit of {limit}")
     grid = tile_grid(tms, z, x, y, tilesize)
-    mosaic = await engine.read(grid, query, params)
+    async with asyncio.timeout(engine.settings.tile_timeout_s):  # cancels the work, then 504
+        mosaic = await engine.read(grid, query, params)
     if mosaic is None:
         return Response(status_code=204, headers={"Cache-Control": "no-cache"})
     if fmt is None:
@@ -70,7 +72,10 @@ async def _tile(
         "Server-Timing": timing,
     }
     if mosaic.errors:
-        headers["X-Terrazzo-Errors"] = "; ".join(f"{i}: {e}" for i, e in mosaic.errors)[:2000]
+        text = "; ".join(f"{i}: {e}" for i, e in mosaic.errors)
+        headers["X-Terrazzo-Errors"] = (
+            " ".join(text.split()).encode("ascii", "replace").decode()[:2000]
+        )
     if mosaic.plan.truncated:
         headers["X-Terrazzo-Truncated"] = "item limit reached; older items left out"
     return Response(body, media_type=FORMATS[fmt][1], headers=headers)

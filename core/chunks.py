@@ -23,7 +23,7 @@ from core.catalog import SearchQuery
 from core.engine import Engine, ParamError, ReadFailed, ReadParams
 from core.fetch import TileCache
 from core.mosaic import METHODS
-from core.plan import Grid, ItemRead, ReadPlan
+from core.plan import Grid, ItemRead, ReadPlan, describe_error
 
 GROUP_BY = ("day", "month", "year", "datetime", "item")
 
@@ -149,7 +149,7 @@ async def read_chunk(
         result.item_errors = exc.errors
     except Exception as exc:  # a bad COG or an unexpected bug: this chunk only
         result.status = "error"
-        result.error = f"{type(exc).__name__}: {exc}"
+        result.error = describe_error(exc)
     finally:
         result.seconds = time.perf_counter() - started
     return result

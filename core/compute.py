@@ -116,14 +116,26 @@ class ComputePool:
         return list(self._pool.map(_warm, range(self.workers * 2)))
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a job in a worker. If the pool broke (a worker died), rebuild it and run the
+        job once more: jobs are pure functions, so a second run is safe."""
         loop = asyncio.get_running_loop()
-        pool = self._pool
-        try:
-            return await loop.run_in_executor(pool, fn, *args)
-        except BrokenProcessPool:
-            if self._pool is pool:  # the first to notice rebuilds; the job is reported failed
-                self._pool = self._new_pool()
-            raise
+        for attempt in (1, 2):
+            pool = self._pool
+            try:
+                return await loop.run_in_executor(pool, fn, *args)
+            except BrokenProcessPool:
+                if self._pool is pool:  # the first to notice rebuilds it
+                    self._pool = self._new_pool()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def ping(self) -> int:
+        """Run a trivial job: proves a worker is alive (rebuilding a broken pool)."""
+        return await self.run(_warm)
+
+    def pids(self) -> list[int]:
+        return list(getattr(self._pool, "_processes", {}) or {})
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -20,7 +20,7 @@ from core.catalog import Catalog, Item, SearchQuery
 from core.compute import ComputePool, Source, Target
 from core.fetch import Fetcher, TileCache
 from core.mosaic import METHODS
-from core.plan import RESAMPLING, Grid, Header, ItemRead, ReadPlan, make_plan
+from core.plan import RESAMPLING, Grid, Header, ItemRead, ReadPlan, describe_error, make_plan
 from core.settings import Settings
 
 
@@ -233,7 +233,7 @@ class Engine:
                 except (asyncio.CancelledError, KeyboardInterrupt):
                     raise
                 except Exception as exc:
-                    errors.append((plan.items[index].item_id, f"{type(exc).__name__}: {exc}"))
+                    errors.append((plan.items[index].item_id, describe_error(exc)))
                 if early_exit:
                     while next_in_order <= index:
                         layer = layers[next_in_order]

@@ -253,6 +253,13 @@ class ReadPlan:
         return "\n".join(lines)
 
 
+def describe_error(exc: BaseException) -> str:
+    """One line for an item's error: the type and the first line of the message (native
+    readers append multi-line debug dumps that belong in logs, not in responses)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:500]
+
+
 def choose_level(levels: tuple[Level, ...], target_res: float) -> int:
     """The coarsest level whose pixel is not coarser than the target pixel (0 if none is)."""
     best = 0
@@ -345,7 +352,7 @@ def make_plan(
         for asset in assets:
             header = headers[item.assets[asset]]
             if isinstance(header, BaseException):
-                failure = f"{asset}: {type(header).__name__}: {header}"
+                failure = f"{asset}: {describe_error(header)}"
                 break
             read = plan_asset(asset, header, grid, resampling)
             if read is None:

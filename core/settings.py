@@ -44,6 +44,15 @@ class Settings(BaseSettings):
     max_chunks: int = Field(10_000, ge=1, description="Chunks in one POST /chunks request.")
     max_chunk_pixels: int = Field(4096 * 4096, ge=1, description="Pixels (w*h) in one chunk.")
 
+    max_body_bytes: int = Field(8 * 2**20, ge=1024, description="POST body size at most.")
+    max_query_bytes: int = Field(8192, ge=256, description="Query string size at most.")
+    max_inflight: int = Field(64, ge=1, description="Data requests at once; more get 503.")
+    tile_timeout_s: float = Field(30, gt=0, description="Time budget of one tile (else 504).")
+
+    # Access control and CORS
+    api_key: str | None = Field(None, description="If set, data routes need X-API-Key.")
+    cors_origins: str = Field("", description="Comma-separated origins allowed by CORS, or *.")
+
     # Chunks
     chunk_concurrency: int = Field(4, ge=1, description="Chunks of one request read at once.")
     chunk_timeout_s: float = Field(120, gt=0, description="Time budget of one chunk.")

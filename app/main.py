@@ -131,6 +131,6 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
 
     @app.get("/info", summary="Catalog summary: item count, extent, dates, assets")
     async def info(request: Request) -> dict:
-        return request.app.state.engine.catalog.summary()
+        return await request.app.state.engine.catalog.summary_async()
 
     return app

@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ from shapely.geometry.base import BaseGeometry
 from core import filters
 
 IMAGE_MEDIA_PREFIX = "image/tiff"
+log = logging.getLogger("terrazzo.catalog")
 
 
 @dataclass(frozen=True)
@@ -106,15 +109,9 @@ class Catalog:
         if not self.path.is_file():
             raise FileNotFoundError(f"catalog not found: {self.path}")
         self._root = duckdb.connect(config={"threads": 1})
-        self._root.execute(
-            f"CREATE VIEW items AS SELECT * FROM read_parquet('{_sql_string(str(self.path))}')"
-        )
-        self.columns: dict[str, str] = {
-            row[0]: row[1] for row in self._root.execute("DESCRIBE items").fetchall()
-        }
-        for required in ("id", "bbox", "assets", "geometry"):
-            if required not in self.columns:
-                raise ValueError(f"{self.path} is not STAC-GeoParquet: no '{required}' column")
+        self._fds: list[int] = []
+        self._stamp = self._open_snapshot()
+        self._checked = time.monotonic()
         self._local = threading.local()
         self._cursors: list[duckdb.DuckDBPyConnection] = []
         self._lock = threading.Lock()
@@ -124,11 +121,73 @@ class Catalog:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    def _open_snapshot(self) -> tuple[int, int]:
+        """Point the `items` view at an open file descriptor of the catalog file.
+
+        Reading through /proc/self/fd keeps the file we validated, even after the path is
+        replaced; a new file is only taken by `reload_if_replaced`, after it validated.
+        """
+        fd = os.open(self.path, os.O_RDONLY)
+        source = f"/proc/self/fd/{fd}" if os.path.exists(f"/proc/self/fd/{fd}") else str(self.path)
+        try:
+            columns = {
+                row[0]: row[1]
+                for row in self._root.execute(
+                    f"DESCRIBE SELECT * FROM read_parquet('{_sql_string(source)}')"
+                ).fetchall()
+            }
+            for required in ("id", "bbox", "assets", "geometry"):
+                if required not in columns:
+                    raise ValueError(f"{self.path} is not STAC-GeoParquet: no '{required}' column")
+        except Exception:
+            os.close(fd)
+            raise
+        self._root.execute(
+            f"CREATE OR REPLACE VIEW items AS SELECT * FROM read_parquet('{_sql_string(source)}')"
+        )
+        self.columns = columns
+        self._fds.append(fd)
+        while len(self._fds) > 2:  # the previous file stays open for queries still running
+            os.close(self._fds.pop(0))
+        st = os.fstat(fd)
+        return (st.st_ino, st.st_mtime_ns)
+
+    def reload_if_replaced(self, every_s: float = 1.0) -> bool:
+        """Switch to a catalog file that replaced ours (e.g. `terrazzo index` renames its
+        output into place), once it validates; a broken or half-written file is ignored and
+        the one in use is kept. Checked at most every `every_s` seconds."""
+        now = time.monotonic()
+        if now - self._checked < every_s:
+            return False
+        self._checked = now
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        if (st.st_ino, st.st_mtime_ns) == self._stamp:
+            return False
+        with self._lock:
+            try:
+                self._stamp = self._open_snapshot()
+            except Exception as exc:
+                log.warning(
+                    "catalog %s changed but does not read (%s); keeping the old one", self.path, exc
+                )
+                self._stamp = (st.st_ino, st.st_mtime_ns)  # do not retry until it changes again
+                return False
+            self.asset_names = self._asset_names()
+            self.default_assets = self._default_assets()
+        log.warning("catalog %s reloaded", self.path)
+        return True
+
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
         for cursor in self._cursors:
             cursor.close()
         self._root.close()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
         """This thread's own cursor: a DuckDB connection runs one query at a time."""
@@ -148,6 +207,7 @@ class Catalog:
         return await loop.run_in_executor(self._executor, self.search_sync, query)
 
     def search_sync(self, query: SearchQuery) -> list[Item]:
+        self.reload_if_replaced()
         sql, params = self._build_sql(query)
         # Footprints are tested exactly after SQL, so fetch a few spare rows to still fill limit.
         rows = self._cursor().execute(sql, params).fetchall()
@@ -290,13 +350,21 @@ class Catalog:
                 return (name,)
         return (next(iter(assets)),) if assets else ()
 
+    async def summary_async(self) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.summary)
+
     def summary(self) -> dict[str, Any]:
         """Counts and extents, for /info-like routes and the CLI."""
-        row = self._root.execute(
-            f"SELECT count(*), min(bbox.xmin), min(bbox.ymin), max(bbox.xmax), max(bbox.ymax),"
-            f" min({_datetime_expr(self.columns)}), max({_datetime_expr(self.columns)})"
-            " FROM items"
-        ).fetchone()
+        row = (
+            self._cursor()
+            .execute(
+                f"SELECT count(*), min(bbox.xmin), min(bbox.ymin), max(bbox.xmax), max(bbox.ymax),"
+                f" min({_datetime_expr(self.columns)}), max({_datetime_expr(self.columns)})"
+                " FROM items"
+            )
+            .fetchone()
+        )
         assert row is not None
         count, minx, miny, maxx, maxy, start, end = row
         return {

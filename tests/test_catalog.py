@@ -162,3 +162,23 @@ def test_filter_values_are_bound(catalog: Catalog) -> None:
     sql, params = filters.to_sql(tree, catalog.columns)
     assert "OR '1'" not in sql and params == ["x' OR '1'='1"]
     assert catalog.search_sync(SearchQuery(filter=tree)) == []
+
+
+def test_replaced_catalog_is_reloaded_and_a_broken_one_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "items.parquet"
+    rustac.write_sync(str(path), [item(i, i, 0, 1) for i in range(3)])
+    cat = Catalog(path, threads=1)
+    try:
+        assert cat.summary()["items"] == 3
+        staged = tmp_path / "staged.parquet"
+        rustac.write_sync(str(staged), [item(i, i, 0, 1) for i in range(7)])
+        staged.replace(path)  # atomic, as `terrazzo index` writes
+        assert cat.reload_if_replaced(every_s=0)
+        assert len(cat.search_sync(SearchQuery(limit=50))) == 7
+        broken = tmp_path / "broken.parquet"
+        broken.write_bytes(b"PAR1 half a file")
+        broken.replace(path)
+        assert not cat.reload_if_replaced(every_s=0)
+        assert len(cat.search_sync(SearchQuery(limit=50))) == 7, "the good catalog stays"
+    finally:
+        cat.close()

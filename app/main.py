@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -25,6 +27,40 @@ from core.settings import Settings
 log = logging.getLogger("terrazzo")
 
 
+class LoopLag:
+    """Samples how late the event loop wakes from a 50 ms sleep: its lag, kept for 60 s."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.samples: deque[float] = deque(maxlen=int(60 / interval))
+
+    async def run(self) -> None:
+        while True:
+            started = time.perf_counter()
+            await asyncio.sleep(self.interval)
+            self.samples.append(time.perf_counter() - started - self.interval)
+
+    def summary(self) -> dict[str, float]:
+        if not self.samples:
+            return {}
+        values = sorted(self.samples)
+        pick = lambda q: round(1000 * values[min(len(values) - 1, int(q * len(values)))], 2)  # noqa: E731
+        return {
+            "p50": pick(0.5),
+            "p99": pick(0.99),
+            "max": round(1000 * values[-1], 2),
+            "samples": len(values),
+        }
+
+
+def _guard(app: FastAPI) -> Guard | None:
+    """The Guard instance in the built middleware stack (for its in-flight count)."""
+    layer = getattr(app, "middleware_stack", None)
+    while layer is not None and not isinstance(layer, Guard):
+        layer = getattr(layer, "app", None)
+    return layer
+
+
 def create_app(settings: Settings | None = None, *, engine: Engine | None = None) -> FastAPI:
     """The service for one catalog. Pass `engine` to share one already built (tests, bench)."""
     settings = settings or Settings()
@@ -33,12 +69,15 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own = engine is None
         app.state.engine = engine or Engine(settings)
+        app.state.lag = LoopLag()
+        probe = asyncio.ensure_future(app.state.lag.run())
         await asyncio.to_thread(app.state.engine.compute.warm)
         log.info("serving %s", app.state.engine.catalog.summary())
         print(app.state.engine.access_report(), flush=True)
         try:
             yield
         finally:
+            probe.cancel()
             if own:
                 app.state.engine.close()
 
@@ -128,6 +167,15 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             checks["compute_pool"] = f"{type(exc).__name__}: {exc}"
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
+
+    @app.get("/stats", summary="Event-loop lag, requests in flight, cache and fetch counters")
+    async def stats(request: Request) -> dict:
+        engine = request.app.state.engine
+        return {
+            "loop_lag_ms": request.app.state.lag.summary(),
+            "fetch": engine.fetcher.stats,
+            "inflight": guard.inflight if (guard := _guard(request.app)) else None,
+        }
 
     @app.get("/info", summary="Catalog summary: item count, extent, dates, assets")
     async def info(request: Request) -> dict:

@@ -92,6 +92,12 @@ def mosaic(
     return combiner.result()
 
 
+def _worker_init() -> None:
+    """Workers run at a lower CPU priority: when cores are short, the event loop (and the
+    fetches it drives) go first, so latency stays low and the loop never starves."""
+    os.nice(10)
+
+
 def _warm(_: int = 0) -> int:
     """Import the heavy modules in a worker before the first request needs them."""
     import rasterio.warp  # noqa: F401
@@ -109,7 +115,9 @@ class ComputePool:
         self._pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=self.workers, mp_context=self._context)
+        return ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=self._context, initializer=_worker_init
+        )
 
     def warm(self) -> list[int]:
         """Start every worker now (blocking), so the first tile does not pay for it."""

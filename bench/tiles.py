@@ -137,6 +137,7 @@ def main() -> None:
     args = ap.parse_args()
 
     warnings.filterwarnings("ignore", message=".*no Overviews.*")
+    warnings.filterwarnings("ignore", message=".*no geotransform.*")
     zooms = tuple(int(z) for z in args.zooms.split(","))
     engine = Engine(Settings(catalog=args.catalog))
     engine.compute.warm()

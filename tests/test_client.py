@@ -273,3 +273,12 @@ def test_client_package_is_light() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def test_open_is_load_async_friendly(server: Server) -> None:
+    bbox = area(256, 120)
+    with Client(server.url) as client:
+        lazy = client.open(bbox, crs="EPSG:32632", resolution=120, chunk_size=128)
+        eager = client.read(bbox, crs="EPSG:32632", resolution=120, chunk_size=128, progress=False)
+    loaded = await lazy.load_async()  # xarray's async load, from inside a running loop
+    np.testing.assert_array_equal(loaded.values, eager.values)

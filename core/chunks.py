@@ -1,7 +1,7 @@
 """Bulk array reads: many output grids ("chunks") in one request, each its own result.
 
 Each chunk goes through the same engine as a tile (plan → search → fetch → compute). Chunks of
-one request share decoded COG tiles (a request-scoped TileCache), run at most `concurrency` at a
+one request share decoded COG tiles (the fetcher's tile cache), run at most `concurrency` at a
 time, and are yielded as they finish. A chunk that fails becomes a result with its error; it
 never stops the others.
 """
@@ -231,7 +231,6 @@ async def stream_chunks(
     dry_run: bool = False,
 ) -> AsyncIterator[ChunkResult]:
     """Results in completion order, at most `chunk_concurrency` chunks in flight."""
-    tiles = TileCache(engine.settings.chunk_tile_cache_mb * 2**20)
 
     def one(spec: ChunkSpec):
         return read_chunk(
@@ -242,7 +241,6 @@ async def stream_chunks(
             params,
             group_by=group_by,
             dtype=dtype,
-            tiles=tiles,
             dry_run=dry_run,
         )
 

@@ -83,6 +83,7 @@ class Engine:
             retries=settings.retries,
             retry_base=settings.retry_base_s,
             retry_cap=settings.retry_cap_s,
+            tile_cache_bytes=settings.tile_cache_mb * 2**20,
         )
         self.compute = ComputePool(settings.compute_workers)
         dirs = self.catalog.href_dirs()

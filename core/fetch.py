@@ -172,7 +172,7 @@ class _Batch:
 
 
 class TileCache:
-    """Decoded internal tiles shared by the reads of one request (e.g. neighbouring chunks).
+    """Decoded internal tiles shared by reads (neighbouring web tiles, chunks of a request).
 
     Entries are shared fetches, so two chunks wanting the same tile at the same time fetch it
     once. Bounded by bytes; least recently used tiles go first; failed fetches are not kept.
@@ -244,8 +244,11 @@ class Fetcher:
         retry_cap: float = 2.0,
         stores: Stores | None = None,
         policy: AccessPolicy | None = None,
+        tile_cache_bytes: int = 512 * 2**20,
     ) -> None:
         self.stores = stores or Stores()
+        # decoded COG tiles shared by every read: neighbouring tiles and chunks reuse them
+        self.tiles = TileCache(tile_cache_bytes)
         self.policy = policy  # None: every href is readable (library use, tests)
         self._limit = asyncio.Semaphore(concurrency)
         self._cache: OrderedDict[str, asyncio.Task[tuple[GeoTIFF, Header]]] = OrderedDict()
@@ -290,6 +293,11 @@ class Fetcher:
                 del self._cache[href]
             raise
 
+    def clear_caches(self) -> None:
+        """Forget opened headers and decoded tiles (files changed underneath)."""
+        self._cache.clear()
+        self.tiles = TileCache(self.tiles.max_bytes)
+
     async def open(self, href: str) -> GeoTIFF:
         return (await self._opened(href))[0]
 
@@ -307,7 +315,7 @@ class Fetcher:
         geotiff = await self.open(read.href)
         level = geotiff if read.level == 0 else geotiff.overviews[read.level - 1]
         self.stats["reads"] += 1
-        decoded = await self._tiles(read, level, tiles if tiles is not None else TileCache(0))
+        decoded = await self._tiles(read, level, tiles if tiles is not None else self.tiles)
         col, row, width, height = read.window
         tw, th = level.tile_width, level.tile_height
         first = decoded[0][0]

@@ -20,15 +20,24 @@ class HTTPRangeStore:
 
     def __init__(self, origin: str, *, timeout: float = 30.0, connections: int = 64) -> None:
         self.origin = origin.rstrip("/")
-        self._client = httpx.AsyncClient(
-            follow_redirects=False,
-            timeout=timeout,
-            limits=httpx.Limits(max_connections=connections),
-        )
+        self._options = {"timeout": timeout, "connections": connections}
+        self._clients: dict[int, httpx.AsyncClient] = {}
+
+    def _client(self) -> httpx.AsyncClient:
+        """One pooled client per event loop (an httpx client cannot cross loops)."""
+        loop = id(asyncio.get_running_loop())
+        client = self._clients.get(loop)
+        if client is None:
+            client = self._clients[loop] = httpx.AsyncClient(
+                follow_redirects=False,
+                timeout=self._options["timeout"],
+                limits=httpx.Limits(max_connections=self._options["connections"]),
+            )
+        return client
 
     async def _get(self, path: str, start: int, end: int) -> bytes:
         url = f"{self.origin}/{path.lstrip('/')}"
-        response = await self._client.get(url, headers={"Range": f"bytes={start}-{end - 1}"})
+        response = await self._client().get(url, headers={"Range": f"bytes={start}-{end - 1}"})
         if response.is_redirect:
             raise AccessDenied(f"{url}: redirect to {response.headers.get('location')} refused")
         if response.status_code == 404:

@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     fetch_concurrency: int = Field(64, ge=1, description="Store reads in flight, whole service.")
     request_concurrency: int = Field(8, ge=1, description="Items read at once for one request.")
     header_cache_size: int = Field(512, ge=1, description="Opened COG headers kept (LRU).")
+    tile_cache_mb: int = Field(512, ge=0, description="Decoded COG tiles kept (LRU, by size).")
     retries: int = Field(3, ge=0, description="Retries of a transient store error.")
     retry_base_s: float = Field(0.05, gt=0, description="First backoff step (full jitter).")
     retry_cap_s: float = Field(2.0, gt=0, description="Longest backoff step.")
@@ -56,4 +57,3 @@ class Settings(BaseSettings):
     # Chunks
     chunk_concurrency: int = Field(4, ge=1, description="Chunks of one request read at once.")
     chunk_timeout_s: float = Field(120, gt=0, description="Time budget of one chunk.")
-    chunk_tile_cache_mb: int = Field(256, ge=0, description="Decoded tiles shared by chunks.")

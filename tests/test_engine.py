@@ -171,10 +171,10 @@ async def test_a_failing_item_does_not_lose_the_tile(tmp_path: Path) -> None:
     try:
         await read(engine, 13)  # warm the header cache with the real file
         (tmp_path / "bad.tif").write_bytes(b"II*\x00" + b"\x00" * 64)  # corrupt its pixels
-        engine.fetcher._cache.clear()
+        engine.fetcher.clear_caches()
         mosaic = await read(engine, 13)
         (tmp_path / "good.tif").unlink()
-        engine.fetcher._cache.clear()
+        engine.fetcher.clear_caches()
         with pytest.raises(ReadFailed, match="every item failed"):
             await read(engine, 13)
     finally:

@@ -14,6 +14,8 @@ import httpx
 
 from core.access import AccessDenied
 
+MERGE_GAP = 64 * 1024  # bytes between ranges worth reading through rather than a round trip
+
 
 class HTTPRangeStore:
     """Range reads from one origin (scheme://host:port); paths are relative to it."""
@@ -64,13 +66,21 @@ class HTTPRangeStore:
         ends: Sequence[int] | None = None,
         lengths: Sequence[int] | None = None,
     ) -> list[bytes]:
-        stops = (
-            list(ends)
-            if ends is not None
-            else [s + n for s, n in zip(starts, lengths or [], strict=True)]
-        )
-        return list(
-            await asyncio.gather(
-                *(self._get(path, s, e) for s, e in zip(starts, stops, strict=True))
-            )
-        )
+        """Several ranges; neighbours less than MERGE_GAP apart travel as one request."""
+        if ends is None:
+            ends = [s + n for s, n in zip(starts, lengths or [], strict=True)]
+        spans = sorted(zip(starts, ends, strict=True))
+        merged: list[list[int]] = []
+        for start, end in spans:
+            if merged and start - merged[-1][1] <= MERGE_GAP:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        bodies = await asyncio.gather(*(self._get(path, a, b) for a, b in merged))
+        out = []
+        for start, end in zip(starts, ends, strict=True):
+            for (a, b), body in zip(merged, bodies, strict=True):
+                if a <= start and end <= b:
+                    out.append(body[start - a : end - a])
+                    break
+        return out

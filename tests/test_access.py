@@ -175,3 +175,20 @@ def test_explicit_allow_reads_over_http_but_never_follows_redirects(
     assert tile.status_code == 200
     data = np.load(__import__("io").BytesIO(tile.content))
     assert (data[-1] == 255).any()
+
+
+async def test_range_store_coalesces_neighbouring_ranges(
+    cog_dir: Path, web: tuple[str, Counting]
+) -> None:
+    from core.httpstore import HTTPRangeStore
+
+    url, counter = web
+    store = HTTPRangeStore(url)
+    raw = (cog_dir / "web" / "remote.tif").read_bytes()
+    starts, ends = [0, 20, 2000], [10, 30, 2010]
+    before = counter.requests
+    parts = await store.get_ranges_async("files/remote.tif", starts=starts, ends=ends)
+    assert [bytes(p) for p in parts] == [raw[a:b] for a, b in zip(starts, ends, strict=True)]
+    assert counter.requests - before == 1  # three neighbouring ranges, one request
+    tail = await store.get_range_async("files/remote.tif", start=len(raw) - 5, length=100)
+    assert bytes(tail) == raw[-5:]  # a range past the end returns what exists

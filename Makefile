@@ -36,10 +36,10 @@ test: lint
 	$(BIN)/pytest -q
 
 bench: $(STAMP) $(DEMO)
-	$(BIN)/python bench/tiles.py --catalog $(DEMO)
+	$(BIN)/python -m bench.tiles --catalog $(DEMO)
 
 bench-chunks: $(STAMP) $(DEMO)
-	$(BIN)/python bench/chunks.py --catalog $(DEMO)
+	$(BIN)/python -m bench.chunks --catalog $(DEMO)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .ruff_cache

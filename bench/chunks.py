@@ -9,7 +9,7 @@
   GDAL has no such hook, so the remote baseline waits for bench work on /vsicurl/.
 Prints chunks/s and MB/s (output array bytes) and the ratios.
 
-    .venv/bin/python bench/chunks.py --catalog data/demo/items.parquet
+    .venv/bin/python -m bench.chunks --catalog data/demo/items.parquet
 """
 
 from __future__ import annotations

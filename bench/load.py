@@ -5,14 +5,13 @@ Mix per client loop: tiles at z8–z13 in random formats (70%), a small POST /ch
 a tile plan (10%). Reports requests/s, status counts, 5xx, latency p50/p95, the server's
 RSS in the first and last 20 s, and its event-loop lag (from /stats).
 
-    .venv/bin/python bench/load.py --catalog data/demo/items.parquet --clients 64 --seconds 60
+    .venv/bin/python -m bench.load --catalog data/demo/items.parquet --clients 64 --seconds 60
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import random
 import socket
@@ -20,28 +19,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import morecantile
 
+from bench.procstats import children, rss_mb
+
 TMS = morecantile.tms.get("WebMercatorQuad")
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def tree_rss_mb(pid: int) -> float:
-    """RSS of the server and its compute workers."""
-    total = rss_mb(pid)
-    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            total += tree_rss_mb(int(child))
-    return total
 
 
 def start_server(catalog: str, port: int, env: dict[str, str]) -> subprocess.Popen:
@@ -103,7 +87,7 @@ async def run(url: str, clients: int, seconds: float, bbox, pid: int) -> dict:
 
     async def sample_rss() -> None:
         while time.monotonic() < stop:
-            rss.append((time.monotonic() - start, tree_rss_mb(pid)))
+            rss.append((time.monotonic() - start, rss_mb(children(pid))))
             await asyncio.sleep(1)
 
     limits = httpx.Limits(max_connections=clients)

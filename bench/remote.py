@@ -7,7 +7,7 @@ request (default 20 and 100 ms). A copy of the catalog points at them. Then, as 
   a thread per request (titiler-pgstac's shape), the same DuckDB search.
 Prints tiles/s, p50/p95 and ratios at 1 and 16 clients, and store requests per warm tile.
 
-    .venv/bin/python bench/remote.py --catalog data/demo/items.parquet
+    .venv/bin/python -m bench.remote --catalog data/demo/items.parquet
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ nearest resampling, 256² PNG output, and run in this process tree:
   `threads` reader threads, then rio-tiler's render.
 It prints tiles/s and p50/p95 latency at each concurrency, and Terrazzo/baseline as ratios.
 
-    .venv/bin/python bench/tiles.py --catalog data/demo/items.parquet
+    .venv/bin/python -m bench.tiles --catalog data/demo/items.parquet
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import numpy as np
 import shapely
 
 from app.encoders import encode
+from bench.procstats import cpu_seconds, peak_rss_mb
 from core.catalog import Catalog, SearchQuery
 from core.engine import Engine, ReadParams
 from core.plan import tile_grid
@@ -48,12 +49,17 @@ def pick_tiles(catalog: Catalog, n: int, zooms: tuple[int, ...], seed: int = 0) 
     return out
 
 
-def summarise(latencies: list[float], wall: float) -> dict[str, float]:
+def summarise(latencies: list[float], wall: float, cpu: float = 0.0) -> dict[str, float]:
+    """Throughput, latency, CPU seconds per tile and the CPU bound (cores / CPU per tile)."""
     lat = sorted(latencies)
+    per_tile = cpu / len(lat) if lat else 0.0
+    bound = (os.cpu_count() or 1) / per_tile if per_tile else float("inf")
     return {
         "tiles_s": len(lat) / wall,
         "p50_ms": 1000 * statistics.median(lat),
         "p95_ms": 1000 * lat[min(len(lat) - 1, int(0.95 * len(lat)))],
+        "cpu_ms": 1000 * per_tile,
+        "bound": bound,
     }
 
 
@@ -71,9 +77,10 @@ async def run_terrazzo(engine: Engine, tiles: list, concurrency: int, asset: str
                 await engine.compute.run(encode, mosaic.data, mosaic.valid, "png")
             latencies.append(time.perf_counter() - t0)
 
-    t0 = time.perf_counter()
+    pids = [os.getpid(), *engine.compute.pids()]
+    cpu0, t0 = cpu_seconds(pids), time.perf_counter()
     await asyncio.gather(*(one(t) for t in tiles))
-    return summarise(latencies, time.perf_counter() - t0)
+    return summarise(latencies, time.perf_counter() - t0, cpu_seconds(pids) - cpu0)
 
 
 def baseline_tile(catalog: Catalog, t, asset: str, threads: int) -> None:
@@ -115,10 +122,10 @@ def run_baseline(catalog: Catalog, tiles: list, concurrency: int, asset: str, th
         baseline_tile(catalog, t, asset, threads)
         latencies.append(time.perf_counter() - t0)
 
-    t0 = time.perf_counter()
+    cpu0, t0 = cpu_seconds([os.getpid()]), time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, tiles))
-    return summarise(latencies, time.perf_counter() - t0)
+    return summarise(latencies, time.perf_counter() - t0, cpu_seconds([os.getpid()]) - cpu0)
 
 
 def main() -> None:
@@ -147,7 +154,10 @@ def main() -> None:
         f"catalog {args.catalog}: {engine.catalog.summary()['items']} items; "
         f"{args.tiles} tiles per run at zooms {zooms}; {os.cpu_count()} cores"
     )
-    print(f"{'clients':>7} {'side':>9} {'tiles/s':>8} {'p50 ms':>8} {'p95 ms':>8}")
+    print(
+        f"{'clients':>7} {'side':>9} {'tiles/s':>8} {'p50 ms':>8} {'p95 ms':>8} "
+        f"{'CPU ms/tile':>11} {'CPU bound':>9} {'of bound':>8}"
+    )
     try:
         for n, conc in enumerate(int(c) for c in args.concurrency.split(",")):
             tiles = pick_tiles(engine.catalog, args.tiles, zooms, seed=n)
@@ -158,13 +168,19 @@ def main() -> None:
             for side, r in (("terrazzo", ours), ("baseline", base)):
                 print(
                     f"{conc:>7} {side:>9} {r['tiles_s']:>8.1f} {r['p50_ms']:>8.1f} "
-                    f"{r['p95_ms']:>8.1f}"
+                    f"{r['p95_ms']:>8.1f} {r['cpu_ms']:>11.1f} {r['bound']:>9.1f} "
+                    f"{r['tiles_s'] / r['bound']:>8.0%}"
                 )
             print(
                 f"{conc:>7} {'ratio':>9} {ours['tiles_s'] / base['tiles_s']:>7.2f}x "
                 f"{base['p50_ms'] / ours['p50_ms']:>7.2f}x {base['p95_ms'] / ours['p95_ms']:>7.2f}x"
                 "   (terrazzo over baseline; >1 = terrazzo better)"
             )
+        pids = [os.getpid(), *engine.compute.pids()]
+        print(
+            f"peak RSS: this process {peak_rss_mb(pids[:1]):.0f} MB (both sides), "
+            f"compute workers {peak_rss_mb(pids[1:]):.0f} MB"
+        )
     finally:
         engine.close()
 

@@ -76,7 +76,11 @@ class Engine:
         if settings.catalog is None:
             raise ValueError("no catalog: pass --catalog PATH or set TERRAZZO_CATALOG")
         self.settings = settings
-        self.catalog = Catalog(settings.catalog, threads=settings.search_threads)
+        self.catalog = Catalog(
+            settings.catalog,
+            threads=settings.search_threads,
+            in_memory=settings.catalog_in_memory,
+        )
         self.fetcher = fetcher or Fetcher(
             concurrency=settings.fetch_concurrency,
             cache_size=settings.header_cache_size,

@@ -156,9 +156,8 @@ def _timestamp(item: dict[str, Any]) -> float:
     return parsed.timestamp()
 
 
-def sort_items(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Order items by Hilbert key of their bbox centre, newest first among equal keys."""
-    bounds = np.array([_bbox(it) for it in items], dtype=np.float64)
+def spatial_keys(bounds: np.ndarray) -> np.ndarray:
+    """Hilbert keys of the centres of (n, 4) boxes, on a grid over their common extent."""
     cx = (bounds[:, 0] + bounds[:, 2]) / 2
     cy = (bounds[:, 1] + bounds[:, 3]) / 2
     top = (1 << HILBERT_ORDER) - 1
@@ -169,7 +168,12 @@ def sort_items(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
             return np.zeros(v.shape, dtype=np.int64)
         return np.floor((v - v.min()) / span * top).astype(np.int64)
 
-    keys = hilbert_index(to_grid(cx), to_grid(cy))
+    return hilbert_index(to_grid(cx), to_grid(cy))
+
+
+def sort_items(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Order items by Hilbert key of their bbox centre, newest first among equal keys."""
+    keys = spatial_keys(np.array([_bbox(it) for it in items], dtype=np.float64))
     newest_first = -np.array([_timestamp(it) for it in items])
     order = np.lexsort((newest_first, keys))  # last key is the primary one
     return [items[i] for i in order]

@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     allow: str = Field("", description="Extra allowed stores: directories or URL prefixes.")
 
     # Search stage
+    catalog_in_memory: bool = Field(
+        True, description="Load the catalog into memory (~6x file size; ~10x faster searches)."
+    )
     search_threads: int = Field(2, ge=1, description="DuckDB worker threads (one cursor each).")
     max_items: int = Field(100, ge=1, description="Items per tile or chunk, first in sort order.")
 

@@ -164,10 +164,13 @@ def test_filter_values_are_bound(catalog: Catalog) -> None:
     assert catalog.search_sync(SearchQuery(filter=tree)) == []
 
 
-def test_replaced_catalog_is_reloaded_and_a_broken_one_ignored(tmp_path: Path) -> None:
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_replaced_catalog_is_reloaded_and_a_broken_one_ignored(
+    tmp_path: Path, in_memory: bool
+) -> None:
     path = tmp_path / "items.parquet"
     rustac.write_sync(str(path), [item(i, i, 0, 1) for i in range(3)])
-    cat = Catalog(path, threads=1)
+    cat = Catalog(path, threads=1, in_memory=in_memory)
     try:
         assert cat.summary()["items"] == 3
         staged = tmp_path / "staged.parquet"
@@ -180,5 +183,10 @@ def test_replaced_catalog_is_reloaded_and_a_broken_one_ignored(tmp_path: Path) -
         broken.replace(path)
         assert not cat.reload_if_replaced(every_s=0)
         assert len(cat.search_sync(SearchQuery(limit=50))) == 7, "the good catalog stays"
+        staged = tmp_path / "staged.parquet"
+        rustac.write_sync(str(staged), [item(i, i, 0, 1) for i in range(2)])
+        staged.replace(path)
+        assert cat.reload_if_replaced(every_s=0)
+        assert len(cat.search_sync(SearchQuery(limit=50))) == 2
     finally:
         cat.close()

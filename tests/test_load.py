@@ -3,17 +3,12 @@ concurrent clients against `terrazzo serve` gives no 5xx and keeps the event loo
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-BENCH = Path(__file__).parents[1] / "bench" / "load.py"
+from bench import load
 
 
 def test_mixed_load_no_5xx_and_low_loop_lag(demo_catalog: Path) -> None:
-    spec = importlib.util.spec_from_file_location("bench_load", BENCH)
-    assert spec and spec.loader
-    load = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(load)
     summary = load.main(["--catalog", str(demo_catalog), "--clients", "32", "--seconds", "8"])
     assert summary["requests"] > 50
     assert summary["5xx_or_errors"] == 0, summary["status"]

@@ -1,0 +1,46 @@
+"""Process figures from /proc for the benchmarks: CPU seconds and resident memory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _status(pid: int, key: str) -> float:
+    """A VmXXX line of /proc/PID/status, in MB (0 when the process is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except FileNotFoundError:
+        pass
+    return 0.0
+
+
+def rss_mb(pids: list[int]) -> float:
+    return sum(_status(pid, "VmRSS") for pid in pids)
+
+
+def peak_rss_mb(pids: list[int]) -> float:
+    return sum(_status(pid, "VmHWM") for pid in pids)
+
+
+def children(pid: int) -> list[int]:
+    """The process and its descendants (a server and its compute workers)."""
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        return []
+    return [pid] + [p for kid in kids for p in children(int(kid))]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes so far."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (FileNotFoundError, IndexError):
+            continue
+    return total / os.sysconf("SC_CLK_TCK")

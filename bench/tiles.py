@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import morecantile
 import numpy as np
@@ -29,6 +31,7 @@ from app.encoders import encode
 from bench.procstats import cpu_seconds, peak_rss_mb
 from core.catalog import Catalog, SearchQuery
 from core.engine import Engine, ReadParams
+from core.indexing import index_items
 from core.plan import tile_grid
 from core.settings import Settings
 
@@ -36,16 +39,44 @@ TMS = morecantile.tms.get("WebMercatorQuad")
 
 
 def pick_tiles(catalog: Catalog, n: int, zooms: tuple[int, ...], seed: int = 0) -> list:
-    """Distinct tiles inside the catalog's extent (cold for both sides: no tile repeats)."""
+    """n tiles inside the catalog's extent, distinct while there are enough (cold for both
+    sides); at low zooms a small area has few tiles, and then they repeat."""
     minx, miny, maxx, maxy = catalog.summary()["bbox"]
     rng = np.random.default_rng(seed)
-    seen, out = set(), []
-    while len(out) < n:
+    seen: set = set()
+    out: list = []
+    for _ in range(100 * n):
+        if len(out) == n:
+            break
         z = int(rng.choice(zooms))
         t = TMS.tile(rng.uniform(minx, maxx), rng.uniform(miny, maxy), z)
         if t not in seen:
             seen.add(t)
             out.append(t)
+    return [out[i % len(out)] for i in range(n)]
+
+
+def dense_catalog(catalog: Path, copies: int) -> Path:
+    """The catalog with every item repeated `copies` times at other dates (same COGs): low
+    zooms then cover 50+ items, as over a real archive. Built with `terrazzo index`'s code."""
+    out = catalog.parent / f"dense-{copies}.parquet"
+    if out.exists():
+        return out
+    items = [
+        json.loads(line)
+        for line in (catalog.parent / "items.ndjson").read_text().split("\n")
+        if line.strip()
+    ]
+    dense = []
+    for k in range(copies):
+        for item in items:
+            copy = json.loads(json.dumps(item))
+            copy["id"] = f"{item['id']}-copy{k}"
+            copy["properties"]["datetime"] = f"{2020 + k % 5}-0{1 + k % 9}-15T10:00:00Z"
+            dense.append(copy)
+    source = catalog.parent / f"dense-{copies}.ndjson"
+    source.write_text("\n".join(json.dumps(i) for i in dense))
+    index_items(source, out)
     return out
 
 
@@ -134,6 +165,12 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=96, help="tiles per run")
     ap.add_argument("--zooms", default="9,10,11,12")
     ap.add_argument("--asset", default="visual")
+    ap.add_argument(
+        "--dense",
+        type=int,
+        default=0,
+        help="repeat every item this many times at other dates (low-zoom workload)",
+    )
     ap.add_argument("--concurrency", default="1,16")
     ap.add_argument(
         "--threads",
@@ -146,6 +183,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*no Overviews.*")
     warnings.filterwarnings("ignore", message=".*no geotransform.*")
     zooms = tuple(int(z) for z in args.zooms.split(","))
+    if args.dense:
+        args.catalog = str(dense_catalog(Path(args.catalog), args.dense))
     engine = Engine(Settings(catalog=args.catalog))
     engine.compute.warm()
     os.environ.setdefault("GDAL_CACHEMAX", "200")

@@ -78,6 +78,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             yield
         finally:
             probe.cancel()
+            await app.state.engine.fetcher.stores.aclose()
             if own:
                 app.state.engine.close()
 

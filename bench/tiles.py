@@ -111,6 +111,7 @@ async def run_terrazzo(engine: Engine, tiles: list, concurrency: int, asset: str
     pids = [os.getpid(), *engine.compute.pids()]
     cpu0, t0 = cpu_seconds(pids), time.perf_counter()
     await asyncio.gather(*(one(t) for t in tiles))
+    await engine.fetcher.stores.aclose()  # this loop's HTTP sessions
     return summarise(latencies, time.perf_counter() - t0, cpu_seconds(pids) - cpu0)
 
 

@@ -104,6 +104,13 @@ class Stores:
             return HTTPRangeStore(key)  # never follows redirects (see core.access)
         return from_url(key)
 
+    async def aclose(self) -> None:
+        """Close the stores that hold connections on this event loop."""
+        for store in self._stores.values():
+            close = getattr(store, "aclose", None)
+            if close is not None:
+                await close()
+
     def get(self, href: str) -> tuple[Any, str]:
         key, path = split_href(href)
         store = self._stores.get(key)

@@ -2,7 +2,9 @@
 
 obstore's HTTP store follows redirects, so an allowed URL could bounce a read to
 http://169.254.169.254/ or a loopback service. This store speaks the obspec range protocol
-(`get_range_async`, `get_ranges_async`) over one pooled httpx client and refuses 3xx answers.
+(`get_range_async`, `get_ranges_async`) over one pooled aiohttp session per event loop and
+refuses 3xx answers. aiohttp, not httpx: its C HTTP parser cut the client CPU per remote tile
+from ~97 ms to about half, on the 2-core bench.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-import httpx
+import aiohttp
 
 from core.access import AccessDenied
 
@@ -22,33 +24,46 @@ class HTTPRangeStore:
 
     def __init__(self, origin: str, *, timeout: float = 30.0, connections: int = 64) -> None:
         self.origin = origin.rstrip("/")
-        self._options = {"timeout": timeout, "connections": connections}
-        self._clients: dict[int, httpx.AsyncClient] = {}
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._connections = connections
+        self._sessions: dict[int, aiohttp.ClientSession] = {}
 
-    def _client(self) -> httpx.AsyncClient:
-        """One pooled client per event loop (an httpx client cannot cross loops)."""
+    def _session(self) -> aiohttp.ClientSession:
+        """One pooled session per event loop (a session cannot cross loops)."""
         loop = id(asyncio.get_running_loop())
-        client = self._clients.get(loop)
-        if client is None:
-            client = self._clients[loop] = httpx.AsyncClient(
-                follow_redirects=False,
-                timeout=self._options["timeout"],
-                limits=httpx.Limits(max_connections=self._options["connections"]),
+        session = self._sessions.get(loop)
+        if session is None or session.closed:
+            session = self._sessions[loop] = aiohttp.ClientSession(
+                timeout=self._timeout,
+                connector=aiohttp.TCPConnector(limit=self._connections),
+                auto_decompress=False,
             )
-        return client
+        return session
+
+    async def aclose(self) -> None:
+        """Close this loop's session (the others belong to loops that are gone)."""
+        session = self._sessions.pop(id(asyncio.get_running_loop()), None)
+        if session is not None:
+            await session.close()
 
     async def _get(self, path: str, start: int, end: int) -> bytes:
         url = f"{self.origin}/{path.lstrip('/')}"
-        response = await self._client().get(url, headers={"Range": f"bytes={start}-{end - 1}"})
-        if response.is_redirect:
-            raise AccessDenied(f"{url}: redirect to {response.headers.get('location')} refused")
-        if response.status_code == 404:
-            raise FileNotFoundError(f"{url}: not found (HTTP 404)")
-        if response.status_code >= 400:
-            # 5xx and 429 read as transient to core.fetch.is_transient
-            raise ConnectionError(f"{url}: HTTP {response.status_code}")
-        body = response.content
-        if response.status_code == 200:  # server ignored Range: slice it ourselves
+        headers = {"Range": f"bytes={start}-{end - 1}"}
+        try:
+            async with self._session().get(url, headers=headers, allow_redirects=False) as r:
+                if 300 <= r.status < 400:
+                    where = r.headers.get("location")
+                    raise AccessDenied(f"{url}: redirect to {where} refused")
+                if r.status == 404:
+                    raise FileNotFoundError(f"{url}: not found (HTTP 404)")
+                if r.status >= 400:
+                    # 5xx and 429 read as transient to core.fetch.is_transient
+                    raise ConnectionError(f"{url}: HTTP {r.status}")
+                body = await r.read()
+                status = r.status
+        except aiohttp.ClientError as exc:
+            raise ConnectionError(f"{url}: {type(exc).__name__}: {exc}") from exc
+        if status == 200:  # server ignored Range: slice it ourselves
             body = body[start:end]
         return body
 

@@ -175,6 +175,11 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         return {
             "loop_lag_ms": request.app.state.lag.summary(),
             "fetch": engine.fetcher.stats,
+            "tile_cache": {
+                "hits": engine.fetcher.tiles.hits,
+                "misses": engine.fetcher.tiles.misses,
+                "bytes": engine.fetcher.tiles.bytes,
+            },
             "inflight": guard.inflight if (guard := _guard(request.app)) else None,
         }
 

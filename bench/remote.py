@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import socket
 import subprocess
@@ -25,10 +24,9 @@ from pathlib import Path
 
 import httpx
 
-from bench.tiles import pick_tiles, run_baseline, run_terrazzo
+from bench.tiles import pick_tiles, run_baseline, run_terrazzo, source_items, write_catalog
 from core.engine import Engine
 from core.fetch import TileCache
-from core.indexing import index_items
 from core.settings import Settings
 
 TITILER_GDAL = {
@@ -46,16 +44,11 @@ TITILER_GDAL = {
 
 def remote_catalog(catalog: Path, base_url: str, out: Path) -> Path:
     """The catalog with every asset href rewritten to the HTTP server."""
-    items = []
-    for line in (catalog.parent / "items.ndjson").read_text().splitlines():
-        item = json.loads(line)
+    items = source_items(catalog)
+    for item in items:
         for asset in item["assets"].values():
             asset["href"] = f"{base_url}/{asset['href']}"
-        items.append(item)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "items.ndjson").write_text("\n".join(json.dumps(i) for i in items))
-    index_items(out / "items.ndjson", out / "items.parquet")
-    return out / "items.parquet"
+    return write_catalog(items, out / "items.parquet")
 
 
 def free_port() -> int:

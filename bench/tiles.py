@@ -56,28 +56,34 @@ def pick_tiles(catalog: Catalog, n: int, zooms: tuple[int, ...], seed: int = 0) 
     return [out[i % len(out)] for i in range(n)]
 
 
+def source_items(catalog: Path) -> list[dict]:
+    """The STAC items a demo catalog was indexed from (its items.ndjson)."""
+    text = (catalog.parent / "items.ndjson").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def write_catalog(items: list[dict], out: Path) -> Path:
+    """Index `items` into `out` with `terrazzo index`'s code (NDJSON written beside it)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    source = out.with_suffix(".ndjson")
+    source.write_text("\n".join(json.dumps(i) for i in items))
+    index_items(source, out)
+    return out
+
+
 def dense_catalog(catalog: Path, copies: int) -> Path:
     """The catalog with every item repeated `copies` times at other dates (same COGs): low
-    zooms then cover 50+ items, as over a real archive. Built with `terrazzo index`'s code."""
+    zooms then cover 50+ items, as over a real archive."""
     out = catalog.parent / f"dense-{copies}.parquet"
     if out.exists():
         return out
-    items = [
-        json.loads(line)
-        for line in (catalog.parent / "items.ndjson").read_text().split("\n")
-        if line.strip()
-    ]
     dense = []
     for k in range(copies):
-        for item in items:
-            copy = json.loads(json.dumps(item))
-            copy["id"] = f"{item['id']}-copy{k}"
-            copy["properties"]["datetime"] = f"{2020 + k % 5}-0{1 + k % 9}-15T10:00:00Z"
-            dense.append(copy)
-    source = catalog.parent / f"dense-{copies}.ndjson"
-    source.write_text("\n".join(json.dumps(i) for i in dense))
-    index_items(source, out)
-    return out
+        for item in source_items(catalog):
+            item["id"] = f"{item['id']}-copy{k}"
+            item["properties"]["datetime"] = f"{2020 + k % 5}-0{1 + k % 9}-15T10:00:00Z"
+            dense.append(item)
+    return write_catalog(dense, out)
 
 
 def summarise(latencies: list[float], wall: float, cpu: float = 0.0) -> dict[str, float]:

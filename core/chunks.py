@@ -21,7 +21,6 @@ import numpy as np
 from core.bounded import run_bounded
 from core.catalog import SearchQuery
 from core.engine import Engine, ParamError, ReadFailed, ReadParams
-from core.fetch import TileCache
 from core.mosaic import METHODS
 from core.plan import Grid, ItemRead, ReadPlan, describe_error
 
@@ -122,7 +121,6 @@ async def read_chunk(
     *,
     group_by: str | None = None,
     dtype: str | None = None,
-    tiles: TileCache | None = None,
     dry_run: bool = False,
 ) -> ChunkResult:
     """Read one chunk; every failure is captured in the result, cancellation is not."""
@@ -139,7 +137,7 @@ async def read_chunk(
                 result.time = [label for label, _ in split_plan(plan, group_by)]
                 result.layout = output_layout(plan, params, dtype)
                 return result
-            await _fill(engine, result, plan, params, group_by, dtype, tiles)
+            await _fill(engine, result, plan, params, group_by, dtype)
     except TimeoutError:
         result.status = "error"
         result.error = f"timeout: not done in {engine.settings.chunk_timeout_s} s"
@@ -162,7 +160,6 @@ async def _fill(
     params: ReadParams,
     group_by: str | None,
     dtype: str | None,
-    tiles: TileCache | None,
 ) -> None:
     if not plan.items:
         if plan.errors:
@@ -170,7 +167,7 @@ async def _fill(
         result.status = "empty"
         return
     groups = split_plan(plan, group_by)
-    mosaics = await asyncio.gather(*(engine.execute(p, params, tiles) for _, p in groups))
+    mosaics = await asyncio.gather(*(engine.execute(p, params) for _, p in groups))
     if all(m is None for m in mosaics):
         result.status = "empty"
         return

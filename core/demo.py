@@ -262,30 +262,21 @@ def _write_item(item: DemoItem, size: int, land: _Landscape, out_dir: Path) -> d
     dem[:, ~valid] = DEM_NODATA
     crs = f"EPSG:{item.epsg}"
     cogs = out_dir / "cogs"
-    visual_path = cogs / f"{item.item_id}_visual.tif"
-    dem_path = cogs / f"{item.item_id}_dem.tif"
     mask = valid if item.internal_mask else None
-    write_cog(
-        visual_path,
-        rgb,
-        crs=crs,
-        transform=item.transform,
-        nodata=None if mask is not None else VISUAL_NODATA,
-        mask=mask,
-        overviews=item.overviews,
-    )
-    write_cog(
-        dem_path,
-        dem,
-        crs=crs,
-        transform=item.transform,
-        nodata=None if mask is not None else DEM_NODATA,
-        mask=mask,
-        overviews=item.overviews,
-    )
+    paths = {}
+    for asset, data, nodata in (("visual", rgb, VISUAL_NODATA), ("dem", dem, DEM_NODATA)):
+        paths[asset] = write_cog(
+            cogs / f"{item.item_id}_{asset}.tif",
+            data,
+            crs=crs,
+            transform=item.transform,
+            nodata=None if mask is not None else nodata,
+            mask=mask,
+            overviews=item.overviews,
+        )
     return stac_item(
         item.item_id,
-        {"visual": visual_path, "dem": dem_path},
+        paths,
         datetime=f"{item.date}T10:30:00Z",
         collection=COLLECTION,
         href_base=out_dir,

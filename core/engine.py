@@ -18,7 +18,7 @@ from core import compute
 from core.access import AccessDenied, AccessPolicy, is_url, remote_prefix
 from core.catalog import Catalog, Item, SearchQuery
 from core.compute import ComputePool, Source, Target
-from core.fetch import Fetcher, TileCache
+from core.fetch import Fetcher
 from core.mosaic import METHODS
 from core.plan import RESAMPLING, Grid, Header, ItemRead, ReadPlan, describe_error, make_plan
 from core.settings import Settings
@@ -175,14 +175,12 @@ class Engine:
 
     # -- reading -----------------------------------------------------------------------------
 
-    async def read(
-        self, grid: Grid, query: SearchQuery, params: ReadParams, tiles: TileCache | None = None
-    ) -> Mosaic | None:
+    async def read(self, grid: Grid, query: SearchQuery, params: ReadParams) -> Mosaic | None:
         """Mosaic of every item covering `grid`; None when no item has data there."""
         started = time.perf_counter()
         plan = await self.plan(grid, query, params)
         planned = time.perf_counter()
-        mosaic = await self.execute(plan, params, tiles)
+        mosaic = await self.execute(plan, params)
         if mosaic is not None:
             mosaic.timings = {
                 "plan": planned - started,
@@ -190,14 +188,11 @@ class Engine:
             }
         return mosaic
 
-    async def execute(
-        self, plan: ReadPlan, params: ReadParams, tiles: TileCache | None = None
-    ) -> Mosaic | None:
+    async def execute(self, plan: ReadPlan, params: ReadParams) -> Mosaic | None:
         """Fetch and warp the plan's items concurrently, mosaic them in plan order.
 
         With `first`, once the layers done so far (in order) cover every pixel the remaining
         reads are cancelled: older items under a full mosaic are never fetched to the end.
-        `tiles` shares decoded COG tiles between the reads of one request.
         """
         errors = list(plan.errors)
         if not plan.items:
@@ -217,7 +212,7 @@ class Engine:
         async def one(item: ItemRead) -> tuple[np.ndarray, np.ndarray]:
             async with limit:
                 pixels = await asyncio.gather(
-                    *(self.fetcher.read(r, nodata=params.nodata, tiles=tiles) for r in item.reads)
+                    *(self.fetcher.read(r, nodata=params.nodata) for r in item.reads)
                 )
                 sources = [
                     Source.of(p.data, p.valid, r) for p, r in zip(pixels, item.reads, strict=True)

@@ -83,9 +83,7 @@ def split_href(href: str) -> tuple[str, str]:
     parts = urlsplit(href)
     if parts.scheme in ("", "file"):
         return ("file", parts.path if parts.scheme == "file" else href)
-    if parts.scheme in ("http", "https"):
-        return (f"{parts.scheme}://{parts.netloc}", parts.path.lstrip("/"))
-    # s3://bucket/key, gs://bucket/key, az://container/key, ...
+    # http(s)://host:port/path, s3://bucket/key, gs://bucket/key, az://container/key, ...
     return (f"{parts.scheme}://{parts.netloc}", parts.path.lstrip("/"))
 
 
@@ -179,7 +177,7 @@ class _Batch:
 
 
 class TileCache:
-    """Decoded internal tiles shared by reads (neighbouring web tiles, chunks of a request).
+    """Decoded internal tiles shared by every read (neighbouring web tiles, chunks).
 
     Entries are shared fetches, so two chunks wanting the same tile at the same time fetch it
     once. Bounded by bytes; least recently used tiles go first; failed fetches are not kept.
@@ -311,18 +309,16 @@ class Fetcher:
     async def header(self, href: str) -> Header:
         return (await self._opened(href))[1]
 
-    async def read(
-        self, read: AssetRead, *, nodata: float | None = None, tiles: TileCache | None = None
-    ) -> Pixels:
+    async def read(self, read: AssetRead, *, nodata: float | None = None) -> Pixels:
         """Decode one planned window from its internal tiles; `nodata` overrides the file's.
 
-        Tiles already in `tiles` (fetched for another read of the same request) are reused;
-        the others are fetched in one coalesced request.
+        Tiles already in the tile cache (fetched for another read) are reused; the others are
+        fetched in one coalesced request.
         """
         geotiff = await self.open(read.href)
         level = geotiff if read.level == 0 else geotiff.overviews[read.level - 1]
         self.stats["reads"] += 1
-        decoded = await self._tiles(read, level, tiles if tiles is not None else self.tiles)
+        decoded = await self._tiles(read, level)
         col, row, width, height = read.window
         tw, th = level.tile_width, level.tile_height
         first = decoded[0][0]
@@ -347,8 +343,9 @@ class Fetcher:
         return Pixels(data=data, valid=valid)
 
     async def _tiles(
-        self, read: AssetRead, level: GeoTIFF | Overview, cache: TileCache
+        self, read: AssetRead, level: GeoTIFF | Overview
     ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        cache = self.tiles
         size = level.tile_width * level.tile_height * read.count * np.dtype(read.dtype).itemsize
         batches = [cache.get((read.href, read.level, xy)) for xy in read.tiles]
         missing = [xy for xy, batch in zip(read.tiles, batches, strict=True) if batch is None]

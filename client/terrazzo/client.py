@@ -289,9 +289,7 @@ class AsyncClient:
         `params` are the request's read and search fields: assets, bidx, datetime, collections,
         ids, filter, sortby, method, resampling, dtype, nodata, group_by.
         """
-        grid = layout.Grid.make(bbox, crs=crs, resolution=resolution, shape=shape)
-        specs = grid.chunk_specs(chunk_size)
-        body = layout.request_body(crs, params)
+        grid, specs, body = layout.prepare(bbox, crs, resolution, shape, chunk_size, params)
 
         async def finish(finished: dict[str, Chunk]) -> Any:
             try:
@@ -318,9 +316,7 @@ class AsyncClient:
         A dry run first learns the time labels, bands and dtype, so nothing is read until
         `.compute()` (which, on a dask.distributed cluster, spreads the reads over workers).
         """
-        grid = layout.Grid.make(bbox, crs=crs, resolution=resolution, shape=shape)
-        specs = grid.chunk_specs(chunk_size)
-        body = layout.request_body(crs, params)
+        grid, specs, body = layout.prepare(bbox, crs, resolution, shape, chunk_size, params)
         plans = await self.dry_run(specs, body)
         return layout.lazy(self.config, grid, specs, body, plans, params)
 

@@ -110,6 +110,19 @@ def request_body(crs: str, params: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
+def prepare(
+    bbox: Sequence[float],
+    crs: str,
+    resolution: float | tuple[float, float] | None,
+    shape: tuple[int, int] | None,
+    chunk_size: int,
+    params: dict[str, Any],
+) -> tuple[Grid, list[dict[str, Any]], dict[str, Any]]:
+    """The output grid, its chunk specs and the shared request body of a read."""
+    grid = Grid.make(bbox, crs=crs, resolution=resolution, shape=shape)
+    return grid, grid.chunk_specs(chunk_size), request_body(crs, params)
+
+
 def wire(specs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The specs as sent (without client-side fields)."""
     return [{k: v for k, v in s.items() if not k.startswith("_")} for s in specs]
@@ -130,9 +143,18 @@ def _time_coord(labels: Sequence[str | None]) -> np.ndarray:
 
 
 def _fill_value(dtype: np.dtype, params: dict[str, Any]) -> Any:
-    if params.get("fill_value") is not None:
-        return params["fill_value"]
-    return np.nan if np.dtype(dtype).kind in "fc" else 0
+    """Where there is no data: `fill_value`, else NaN for floats; never NaN for integers."""
+    fill = params.get("fill_value")
+    if fill is None:
+        fill = np.nan
+    if isinstance(fill, float) and math.isnan(fill) and np.dtype(dtype).kind not in "fc":
+        return 0
+    return fill
+
+
+def _time_labels(labels: Any) -> list[str | None]:
+    """Distinct time labels, None (no group_by) first; [None] when there are none."""
+    return sorted(set(labels), key=lambda v: (v is not None, v or "")) or [None]
 
 
 def to_dataarray(grid: Grid, data: Any, labels: Sequence[str | None], params: dict[str, Any]):
@@ -190,19 +212,13 @@ def assemble(
 ):
     """The eager DataArray from every chunk of the read."""
     with_data = [c for c in chunks.values() if c.data is not None]
-    labels = sorted(
-        {label for c in with_data for label in (c.header.get("time") or [None])},
-        key=lambda v: (v is not None, v or ""),
-    )
-    labels = labels or [None]
+    labels = _time_labels(label for c in with_data for label in (c.header.get("time") or [None]))
     if with_data:
         dtype = np.result_type(*(c.data.dtype for c in with_data))
         bands = with_data[0].data.shape[1]
     else:
         dtype, bands = np.dtype(params.get("dtype") or "float32"), 1
     fill = _fill_value(dtype, params)
-    if isinstance(fill, float) and math.isnan(fill) and dtype.kind not in "fc":
-        fill = 0
     out = np.full((len(labels), bands, grid.height, grid.width), fill, dtype=dtype)
     for spec in specs:
         chunk = chunks.get(spec["id"])
@@ -224,15 +240,10 @@ def lazy(
     import dask.array as da
 
     layouts = [p["layout"] for p in plans if p.get("layout")]
-    labels = sorted(
-        {label for p in plans for label in (p.get("time") or [])},
-        key=lambda v: (v is not None, v or ""),
-    ) or [None]
+    labels = _time_labels(label for p in plans for label in (p.get("time") or []))
     dtype = np.dtype(layouts[0]["dtype"]) if layouts else np.dtype(params.get("dtype") or "uint8")
     bands = layouts[0]["bands"] if layouts else 1
     fill = _fill_value(dtype, params)
-    if isinstance(fill, float) and math.isnan(fill) and dtype.kind not in "fc":
-        fill = 0
     rows: dict[int, list] = {}
     for spec in specs:
         r0, _ = spec["_offset"]

@@ -81,6 +81,65 @@ async def _tile(
     return Response(body, media_type=FORMATS[fmt][1], headers=headers)
 
 
+async def _assets(
+    engine: Engine, tms: str, z: int, x: int, y: int, query: SearchQuery, params: ReadParams
+) -> list[dict]:
+    grid = tile_grid(tms, z, x, y)
+    read_plan = await engine.plan(grid, query, params)
+    return [
+        {
+            "id": item.item_id,
+            "collection": item.collection,
+            "datetime": item.datetime,
+            "assets": {r.asset: r.href for r in item.reads},
+        }
+        for item in read_plan.items
+    ]
+
+
+# Declared before the tile routes: "/tiles/{tms}/{z}/{x}/{y}" would otherwise match ".../assets".
+@router.get(
+    "/tiles/{tileMatrixSetId}/{z}/{x}/{y}/assets",
+    summary="The items (and asset hrefs) a tile reads, in mosaic order",
+)
+async def tile_assets_tms(
+    request: Request,
+    tileMatrixSetId: str,
+    z: Z,
+    x: X,
+    y: Y,
+    query: SearchQuery = Depends(search_query),
+    params: ReadParams = Depends(read_params),
+) -> list[dict]:
+    return await _assets(_engine(request), tileMatrixSetId, z, x, y, query, params)
+
+
+@router.get("/tiles/{z}/{x}/{y}/assets", summary="The items a WebMercatorQuad tile reads")
+async def tile_assets(
+    request: Request,
+    z: Z,
+    x: X,
+    y: Y,
+    query: SearchQuery = Depends(search_query),
+    params: ReadParams = Depends(read_params),
+) -> list[dict]:
+    return await _assets(_engine(request), DEFAULT_TMS, z, x, y, query, params)
+
+
+@router.get("/point/{lon},{lat}", summary="Each covering item's pixel values at a lon/lat point")
+async def point(
+    request: Request,
+    lon: float,
+    lat: float,
+    query: SearchQuery = Depends(search_query),
+    params: ReadParams = Depends(read_params),
+) -> dict:
+    engine = _engine(request)
+    async with asyncio.timeout(engine.settings.tile_timeout_s):
+        items = await engine.point(lon, lat, query, params)
+    return {"coordinates": [lon, lat], "items": items}
+
+
 @router.get("/tiles/{tileMatrixSetId}/{z}/{x}/{y}.{format}", summary="Mosaic tile in a format")
 async def tile_tms_format(
     request: Request,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import shapely
@@ -20,7 +21,16 @@ from core.catalog import Catalog, Item, SearchQuery
 from core.compute import ComputePool, Source, Target
 from core.fetch import Fetcher
 from core.mosaic import METHODS
-from core.plan import RESAMPLING, Grid, Header, ItemRead, ReadPlan, describe_error, make_plan
+from core.plan import (
+    RESAMPLING,
+    Grid,
+    Header,
+    ItemRead,
+    ReadPlan,
+    describe_error,
+    make_plan,
+    transformer,
+)
 from core.settings import Settings
 
 
@@ -261,3 +271,52 @@ class Engine:
         if not valid.any():
             return None
         return Mosaic(data=data, valid=valid, plan=plan, errors=errors)
+
+    # -- point values --------------------------------------------------------------------------
+
+    async def point(
+        self, lon: float, lat: float, query: SearchQuery, params: ReadParams
+    ) -> list[dict[str, Any]]:
+        """Each covering item's own pixel values at (lon, lat), in mosaic order.
+
+        The same read path as a tile: a one-pixel lon/lat grid is planned (finest level, the
+        window around the point) and fetched; the value is the source pixel holding the point,
+        not a resampled one. Masked or nodata pixels come back as None.
+        """
+        if not (-180 <= lon <= 180 and -90 <= lat <= 90):
+            raise ParamError(f"lon,lat: ({lon}, {lat}) is outside -180..180, -90..90")
+        eps = 1e-7
+        grid = Grid.from_bounds("EPSG:4326", (lon - eps, lat - eps, lon + eps, lat + eps), 1, 1)
+        plan = await self.plan(grid, query, params)
+
+        async def one(item: ItemRead) -> dict[str, Any]:
+            assets: dict[str, Any] = {}
+            for read in item.reads:
+                pixels = await self.fetcher.read(read, nodata=params.nodata)
+                x, y = transformer("EPSG:4326", read.crs).transform(lon, lat)
+                col, row = (int(v // 1) for v in ~read.transform * (x, y))
+                inside = 0 <= row < pixels.data.shape[1] and 0 <= col < pixels.data.shape[2]
+                valid = inside and bool(pixels.valid[row, col])
+                values = pixels.data[:, row, col].tolist() if inside else [None] * read.count
+                assets[read.asset] = {
+                    "values": [v if valid else None for v in values],
+                    "band_names": [f"b{i}" for i in range(1, read.count + 1)],
+                    "level": read.level,
+                }
+            return {**_about(item), "assets": assets}
+
+        results = await asyncio.gather(*(one(i) for i in plan.items), return_exceptions=True)
+        out = []
+        for item, result in zip(plan.items, results, strict=True):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if isinstance(result, BaseException):
+                out.append({**_about(item), "error": describe_error(result)})
+            else:
+                out.append(result)
+        out += [{"id": i, "error": e} for i, e in plan.errors]
+        return out
+
+
+def _about(item: ItemRead) -> dict[str, Any]:
+    return {"id": item.item_id, "collection": item.collection, "datetime": item.datetime}

@@ -181,6 +181,7 @@ class ItemRead:
     item_id: str
     datetime: str | None
     reads: tuple[AssetRead, ...]
+    collection: str | None = None
 
 
 @dataclass(frozen=True)
@@ -364,7 +365,11 @@ def make_plan(
             skipped.append((item.id, "image does not reach the grid"))
         else:
             when = item.datetime.isoformat() if item.datetime else None
-            planned.append(ItemRead(item_id=item.id, datetime=when, reads=tuple(reads)))
+            planned.append(
+                ItemRead(
+                    item_id=item.id, datetime=when, reads=tuple(reads), collection=item.collection
+                )
+            )
     return ReadPlan(
         grid=grid,
         method=method,

@@ -100,6 +100,27 @@ def summarise(latencies: list[float], wall: float, cpu: float = 0.0) -> dict[str
     }
 
 
+HEADER = (
+    f"{'clients':>7} {'side':>9} {'tiles/s':>8} {'p50 ms':>8} {'p95 ms':>8} "
+    f"{'CPU ms/tile':>11} {'CPU bound':>9} {'of bound':>8}"
+)
+
+
+def print_pair(conc: int, ours: dict, base: dict) -> None:
+    """Both sides' rows under HEADER, then the ratios (>1 = Terrazzo better)."""
+    for side, r in (("terrazzo", ours), ("baseline", base)):
+        print(
+            f"{conc:>7} {side:>9} {r['tiles_s']:>8.1f} {r['p50_ms']:>8.1f} "
+            f"{r['p95_ms']:>8.1f} {r['cpu_ms']:>11.1f} {r['bound']:>9.1f} "
+            f"{r['tiles_s'] / r['bound']:>8.0%}"
+        )
+    print(
+        f"{conc:>7} {'ratio':>9} {ours['tiles_s'] / base['tiles_s']:>7.2f}x "
+        f"{base['p50_ms'] / ours['p50_ms']:>7.2f}x {base['p95_ms'] / ours['p95_ms']:>7.2f}x"
+        "   (terrazzo over baseline; >1 = terrazzo better)"
+    )
+
+
 async def run_terrazzo(engine: Engine, tiles: list, concurrency: int, asset: str) -> dict:
     sem = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
@@ -200,10 +221,7 @@ def main() -> None:
         f"catalog {args.catalog}: {engine.catalog.summary()['items']} items; "
         f"{args.tiles} tiles per run at zooms {zooms}; {os.cpu_count()} cores"
     )
-    print(
-        f"{'clients':>7} {'side':>9} {'tiles/s':>8} {'p50 ms':>8} {'p95 ms':>8} "
-        f"{'CPU ms/tile':>11} {'CPU bound':>9} {'of bound':>8}"
-    )
+    print(HEADER)
     try:
         for n, conc in enumerate(int(c) for c in args.concurrency.split(",")):
             tiles = pick_tiles(engine.catalog, args.tiles, zooms, seed=n)
@@ -211,17 +229,7 @@ def main() -> None:
             asyncio.run(run_terrazzo(engine, warm, conc, args.asset))  # headers of other tiles
             ours = asyncio.run(run_terrazzo(engine, tiles, conc, args.asset))
             base = run_baseline(engine.catalog, tiles, conc, args.asset, args.threads)
-            for side, r in (("terrazzo", ours), ("baseline", base)):
-                print(
-                    f"{conc:>7} {side:>9} {r['tiles_s']:>8.1f} {r['p50_ms']:>8.1f} "
-                    f"{r['p95_ms']:>8.1f} {r['cpu_ms']:>11.1f} {r['bound']:>9.1f} "
-                    f"{r['tiles_s'] / r['bound']:>8.0%}"
-                )
-            print(
-                f"{conc:>7} {'ratio':>9} {ours['tiles_s'] / base['tiles_s']:>7.2f}x "
-                f"{base['p50_ms'] / ours['p50_ms']:>7.2f}x {base['p95_ms'] / ours['p95_ms']:>7.2f}x"
-                "   (terrazzo over baseline; >1 = terrazzo better)"
-            )
+            print_pair(conc, ours, base)
         pids = [os.getpid(), *engine.compute.pids()]
         print(
             f"peak RSS: this process {peak_rss_mb(pids[:1]):.0f} MB (both sides), "

@@ -5,9 +5,9 @@
   each result framed as the server frames it.
 - baseline: what a notebook does without Terrazzo (odc-stac/stackstac style): the same DuckDB
   search per chunk, then a rasterio WarpedVRT read per item, first-valid mosaic, N threads.
-- terrazzo again through a store that adds 20 ms to every range request (simulated network);
-  GDAL has no such hook, so the remote baseline waits for bench work on /vsicurl/.
-Prints chunks/s and MB/s (output array bytes) and the ratios.
+- both again with the COGs served over HTTP from 127.0.0.1 with a delay per request
+  (bench/cogserver.py): Terrazzo's range store against GDAL's /vsicurl/ with TiTiler's settings.
+Prints chunks/s, MB/s (output array bytes), CPU ms per chunk (this process tree) and the ratios.
 
     .venv/bin/python -m bench.chunks --catalog data/demo/items.parquet
 """
@@ -16,22 +16,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import rasterio
 import shapely
-from obstore.store import LocalStore
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 
 from app.encoders import chunk_frame
+from bench.procstats import cpu_seconds, peak_rss_mb
+from bench.remote import TITILER_GDAL, cog_server, remote_catalog
 from core.catalog import Catalog, SearchQuery
 from core.chunks import ChunkSpec, stream_chunks
 from core.engine import Engine, ReadParams
-from core.faults import FaultyStore
-from core.fetch import Fetcher, Stores
 from core.plan import Grid, transformer
 from core.settings import Settings
 
@@ -59,13 +61,21 @@ async def run_terrazzo(engine: Engine, specs: list[ChunkSpec], concurrency: int)
     engine.settings.chunk_concurrency = concurrency
     out_bytes = 0
     statuses: dict[str, int] = {}
-    t0 = time.perf_counter()
+    pids = [os.getpid(), *engine.compute.pids()]
+    cpu0, t0 = cpu_seconds(pids), time.perf_counter()
     async for result in stream_chunks(engine, specs, CRS, SearchQuery(), ReadParams()):
         chunk_frame(result)
         statuses[result.status] = statuses.get(result.status, 0) + 1
         out_bytes += 0 if result.data is None else result.data.nbytes
+    await engine.fetcher.stores.aclose()  # this loop's HTTP sessions
     wall = time.perf_counter() - t0
-    return {"chunks_s": len(specs) / wall, "mb_s": out_bytes / wall / 1e6, "status": statuses}
+    cpu_ms = 1000 * (cpu_seconds(pids) - cpu0) / len(specs)
+    return {
+        "chunks_s": len(specs) / wall,
+        "mb_s": out_bytes / wall / 1e6,
+        "cpu_ms": cpu_ms,
+        "status": statuses,
+    }
 
 
 def baseline_chunk(catalog: Catalog, spec: ChunkSpec, asset: str) -> int:
@@ -99,11 +109,25 @@ def baseline_chunk(catalog: Catalog, spec: ChunkSpec, asset: str) -> int:
 
 
 def run_baseline(catalog: Catalog, specs: list[ChunkSpec], concurrency: int, asset: str) -> dict:
-    t0 = time.perf_counter()
+    cpu0, t0 = cpu_seconds([os.getpid()]), time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         out_bytes = sum(pool.map(lambda s: baseline_chunk(catalog, s, asset), specs))
     wall = time.perf_counter() - t0
-    return {"chunks_s": len(specs) / wall, "mb_s": out_bytes / wall / 1e6}
+    cpu_ms = 1000 * (cpu_seconds([os.getpid()]) - cpu0) / len(specs)
+    return {"chunks_s": len(specs) / wall, "mb_s": out_bytes / wall / 1e6, "cpu_ms": cpu_ms}
+
+
+def compare(engine: Engine, specs: list[ChunkSpec], conc: int, where: str) -> None:
+    """Both sides on the same chunks; one row each and the ratio."""
+    asset = engine.catalog.default_assets[0]
+    ours = asyncio.run(run_terrazzo(engine, specs, conc))
+    base = run_baseline(engine.catalog, specs, conc, asset)
+    for side, r in ((f"terrazzo {where}", ours), (f"baseline {where}", base)):
+        print(f"{conc:>9} {side:>26} {r['chunks_s']:>9.1f} {r['mb_s']:>8.1f} {r['cpu_ms']:>12.1f}")
+    print(
+        f"{conc:>9} {'ratio ' + where:>26} {ours['chunks_s'] / base['chunks_s']:>8.2f}x"
+        f"   chunk status {ours['status']}"
+    )
 
 
 def main() -> None:
@@ -113,40 +137,38 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--res", type=float, default=15.0)
     ap.add_argument("--concurrency", default="1,16")
-    ap.add_argument("--delay-ms", type=float, default=20.0, help="simulated latency per request")
+    ap.add_argument("--delay-ms", type=float, default=20.0, help="latency per HTTP request")
     args = ap.parse_args()
+    warnings.filterwarnings("ignore")
 
     specs = chunk_specs(args.chunks, args.size, args.res)
-    local = Engine(Settings(catalog=args.catalog))
-    local.compute.warm()
-    slow_store = FaultyStore(LocalStore(), delay=args.delay_ms / 1000)
-    remote = Engine(
-        Settings(catalog=args.catalog), fetcher=Fetcher(stores=Stores(lambda key: slow_store))
-    )
-    remote.compute.warm()
-    asset = local.catalog.default_assets[0]
-    print(f"{len(specs)} chunks of {args.size}² at {args.res} m in {CRS}; asset {asset}")
-    print(f"{'in flight':>9} {'side':>22} {'chunks/s':>9} {'MB/s':>8}")
+    catalog = Path(args.catalog).resolve()
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    print(f"{len(specs)} chunks of {args.size}² at {args.res} m in {CRS}")
+    print(f"{'in flight':>9} {'side':>26} {'chunks/s':>9} {'MB/s':>8} {'CPU ms/chunk':>12}")
+    engines = []
     try:
-        for conc in (int(c) for c in args.concurrency.split(",")):
-            ours = asyncio.run(run_terrazzo(local, specs, conc))
-            base = run_baseline(local.catalog, specs, conc, asset)
-            slow = asyncio.run(run_terrazzo(remote, specs, conc))
-            rows = (
-                ("terrazzo local", ours),
-                ("baseline local", base),
-                (f"terrazzo +{args.delay_ms:g} ms/request", slow),
-            )
-            for side, r in rows:
-                print(f"{conc:>9} {side:>22} {r['chunks_s']:>9.1f} {r['mb_s']:>8.1f}")
-            print(
-                f"{conc:>9} {'ratio local':>22} {ours['chunks_s'] / base['chunks_s']:>8.2f}x"
-                f"   chunk status {ours['status']}; store requests so far "
-                f"{slow_store.requests}"
-            )
+        local = Engine(Settings(catalog=catalog))
+        engines.append(local)
+        local.compute.warm()
+        for conc in concurrency:
+            compare(local, specs, conc, "local")
+        os.environ.update(TITILER_GDAL)
+        with cog_server(catalog.parent, args.delay_ms) as (url, server):
+            remote_path = remote_catalog(catalog, url, Path(f"/tmp/terrazzo-remote-{server.pid}"))
+            remote = Engine(Settings(catalog=remote_path, allow=url + "/"))
+            engines.append(remote)
+            remote.compute.warm()
+            for conc in concurrency:
+                compare(remote, specs, conc, f"+{args.delay_ms:g} ms HTTP")
+        pids = [os.getpid(), *(p for e in engines for p in e.compute.pids())]
+        print(
+            f"peak RSS: this process {peak_rss_mb(pids[:1]):.0f} MB (both sides), "
+            f"compute workers {peak_rss_mb(pids[1:]):.0f} MB"
+        )
     finally:
-        local.close()
-        remote.close()
+        for engine in engines:
+            engine.close()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -66,6 +68,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def cog_server(directory: Path, delay_ms: float) -> Iterator[tuple[str, subprocess.Popen]]:
+    """bench/cogserver.py serving `directory` on a free port: (base URL, process)."""
+    port = free_port()
+    script = Path(__file__).with_name("cogserver.py")
+    server = subprocess.Popen(
+        [sys.executable, str(script), str(directory), str(port), str(delay_ms)]
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                httpx.get(url + "/_requests", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        yield url, server
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
 def run_both(engine: Engine, served_by: list[int], label: str, tiles: list, conc: int) -> None:
     """Run both sides on `tiles`; print rows, ratios and the range server's CPU."""
     s0 = cpu_seconds(served_by)
@@ -98,25 +122,8 @@ def main() -> None:
     catalog = Path(args.catalog).resolve()
     zooms = tuple(int(z) for z in args.zooms.split(","))
     for delay in (float(d) for d in args.delays.split(",")):
-        port = free_port()
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                str(Path(__file__).with_name("cogserver.py")),
-                str(catalog.parent),
-                str(port),
-                str(delay),
-            ]
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(100):
-                try:
-                    httpx.get(url + "/_requests", timeout=1)
-                    break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
-            remote = remote_catalog(catalog, url, Path(f"/tmp/terrazzo-remote-{port}"))
+        with cog_server(catalog.parent, delay) as (url, server):
+            remote = remote_catalog(catalog, url, Path(f"/tmp/terrazzo-remote-{server.pid}"))
             engine = Engine(Settings(catalog=remote, allow=url + "/"))
             engine.compute.warm()
             print(f"\n--- store latency {delay:g} ms per request ---")
@@ -161,9 +168,6 @@ def main() -> None:
                 f"compute workers {peak_rss_mb(pids[1:]):.0f} MB"
             )
             engine.close()
-        finally:
-            server.terminate()
-            server.wait(timeout=10)
 
 
 if __name__ == "__main__":

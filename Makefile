@@ -10,9 +10,9 @@ DEMO := $(DEMO_DIR)/items.parquet
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup serve test lint demo bench bench-chunks clean
+.PHONY: setup serve test lint demo bench bench-chunks clean browser
 
-setup: $(STAMP)
+setup: $(STAMP) browser
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,7 +32,14 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# Chromium for tests/test_viewer.py (playwright drives the system browser; no browser download)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "tests/test_viewer.py needs Chromium: sudo apt-get install chromium" >&2; fi; }
+
+test: lint browser
 	$(BIN)/pytest -q
 
 bench: $(STAMP) $(DEMO)

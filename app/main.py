@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
-from app import chunks, tiles
+from app import catalog_routes, chunks, ogc, tiles, viewer
 from app.encoders import EncodeError
 from app.guard import BodyTooLarge, Guard
 from core.catalog import SearchError, SearchQuery
@@ -90,6 +90,9 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     )
     app.include_router(tiles.router)
     app.include_router(chunks.router)
+    app.include_router(ogc.router)
+    app.include_router(catalog_routes.router)
+    app.include_router(viewer.router)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

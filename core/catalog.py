@@ -17,10 +17,11 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import math
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,6 +167,14 @@ class Catalog:
         st = os.fstat(fd)
         return (st.st_ino, st.st_mtime_ns)
 
+    async def version_async(self) -> str:
+        """Which catalog file is in use (inode and mtime), after taking a replaced one: part of
+        every tile's ETag, so a new catalog changes them all. On a search thread, as the
+        reload reads the file."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self.reload_if_replaced)
+        return f"{self._stamp[0]:x}-{self._stamp[1]:x}"
+
     def reload_if_replaced(self, every_s: float = 1.0) -> bool:
         """Switch to a catalog file that replaced ours (e.g. `terrazzo index` renames its
         output into place), once it validates; a broken or half-written file is ignored and
@@ -237,31 +246,7 @@ class Catalog:
         return items
 
     def _build_sql(self, query: SearchQuery) -> tuple[str, list[Any]]:
-        where: list[str] = []
-        params: list[Any] = []
-        if query.bbox is not None:
-            minx, miny, maxx, maxy = query.bbox
-            where.append("bbox.xmin <= ? AND bbox.xmax >= ? AND bbox.ymin <= ? AND bbox.ymax >= ?")
-            params += [maxx, minx, maxy, miny]
-        if query.datetime is not None:
-            start, end = query.datetime
-            lo, hi = self._time_columns()
-            if start is not None:
-                where.append(f"{hi} >= ?")
-                params.append(start)
-            if end is not None:
-                where.append(f"{lo} <= ?")
-                params.append(end)
-        if query.collections:
-            where.append("collection IN (SELECT unnest(?::VARCHAR[]))")
-            params.append(list(query.collections))
-        if query.ids:
-            where.append("id IN (SELECT unnest(?::VARCHAR[]))")
-            params.append(list(query.ids))
-        if query.filter is not None:
-            fragment, values = filters.to_sql(query.filter, self.columns)
-            where.append(fragment)
-            params += values
+        where, params = self._where(query)
         props = self._property_columns()
         select = ", ".join(
             [
@@ -274,9 +259,7 @@ class Catalog:
             ]
             + [_quote(p) for p in props]
         )
-        sql = f"SELECT {select} FROM items"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        sql = f"SELECT {select} FROM items{where}"
         sql += " ORDER BY " + self._order_by(query.sortby)
         sql += f" LIMIT {int(query.limit) * 2 + 8}"
         return sql, params
@@ -393,6 +376,186 @@ class Catalog:
             "default_assets": list(self.default_assets),
         }
 
+    # -- browsing: /collections, /items, TileJSON zoom ranges ------------------------------------
+    # Each has an `_async` twin that runs it on the search executor (the event loop never runs
+    # SQL). Results that depend only on the snapshot are kept per snapshot: viewers ask again
+    # on every parameter change.
+
+    def _per_snapshot(self, key: str, build: Callable[[], Any]) -> Any:
+        """`build()` once per catalog snapshot (a replaced file has a new `_stamp`)."""
+        cache: dict[str, tuple[Any, Any]] = self.__dict__.setdefault("_browse_cache", {})
+        hit = cache.get(key)
+        if hit is not None and hit[0] == self._stamp:
+            return hit[1]
+        value = build()
+        cache[key] = (self._stamp, value)
+        return value
+
+    def _where(self, query: SearchQuery) -> tuple[str, list[Any]]:
+        """` WHERE …` for `query`'s bbox, datetime, collections, ids and filter (a bbox matches
+        items whose bbox intersects it; the search refines with `intersects` afterwards)."""
+        where: list[str] = []
+        params: list[Any] = []
+        if query.bbox is not None:
+            minx, miny, maxx, maxy = query.bbox
+            where.append("bbox.xmin <= ? AND bbox.xmax >= ? AND bbox.ymin <= ? AND bbox.ymax >= ?")
+            params += [maxx, minx, maxy, miny]
+        if query.datetime is not None:
+            start, end = query.datetime
+            lo, hi = self._time_columns()
+            if start is not None:
+                where.append(f"{hi} >= ?")
+                params.append(start)
+            if end is not None:
+                where.append(f"{lo} <= ?")
+                params.append(end)
+        if query.collections:
+            where.append(f"{_collection_expr(self.columns)} IN (SELECT unnest(?::VARCHAR[]))")
+            params.append(list(query.collections))
+        if query.ids:
+            where.append("id IN (SELECT unnest(?::VARCHAR[]))")
+            params.append(list(query.ids))
+        if query.filter is not None:
+            fragment, values = filters.to_sql(query.filter, self.columns)
+            where.append(fragment)
+            params += values
+        return (" WHERE " + " AND ".join(where)) if where else "", params
+
+    async def collections_async(self) -> list[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.collections)
+
+    def collections(self) -> list[dict[str, Any]]:
+        """Per collection: item count, bbox, time interval, distinct UTC days (newest first,
+        at most MAX_DATES) and per-asset metadata.
+
+        Asset metadata (`type`, `roles`, `raster:bands`…, never `href`) comes from one item
+        that has the asset, as in STAC's item-assets extension, so a client knows e.g. that
+        `dem` is float32 and needs a rescale.
+        """
+        self.reload_if_replaced()
+
+        def build() -> list[dict[str, Any]]:
+            when = _datetime_expr(self.columns)
+            names = list(self.asset_names)
+            per_asset = "".join(
+                f", count(assets.{_quote(n)}), any_value(assets.{_quote(n)})" for n in names
+            )
+            day = f"strftime(timezone('UTC', {when}), '%Y-%m-%d')"
+            rows = (
+                self._cursor()
+                .execute(
+                    f"SELECT {_collection_expr(self.columns)} AS c, count(*),"
+                    " min(bbox.xmin), min(bbox.ymin), max(bbox.xmax), max(bbox.ymax),"
+                    f" min({when}), max({when}),"
+                    f" list(DISTINCT {day} ORDER BY {day} DESC) FILTER (WHERE {when} IS NOT NULL)"
+                    f"{per_asset} FROM items GROUP BY c ORDER BY c NULLS LAST"
+                )
+                .fetchall()
+            )
+            out = []
+            for cid, count, minx, miny, maxx, maxy, start, end, days, *assets in rows:
+                item_assets = {}
+                for i, name in enumerate(names):
+                    present, example = assets[2 * i], assets[2 * i + 1]
+                    if present and example:
+                        meta = {k: v for k, v in example.items() if k != "href"}
+                        item_assets[name] = {**_json_safe(meta), "items": present}
+                days = days or []
+                out.append(
+                    {
+                        "id": cid,
+                        "items": count,
+                        "bbox": [minx, miny, maxx, maxy],
+                        "interval": [_utc(start), _utc(end)],
+                        "dates": days[:MAX_DATES],
+                        "dates_truncated": len(days) > MAX_DATES,
+                        "item_assets": item_assets,
+                    }
+                )
+            return out
+
+        return self._per_snapshot("collections", build)
+
+    async def footprints_async(self, query: SearchQuery) -> tuple[list[dict[str, Any]], int]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.footprints, query)
+
+    def footprints(self, query: SearchQuery) -> tuple[list[dict[str, Any]], int]:
+        """GeoJSON Features of the first `query.limit` items matching `query` (in `sortby`
+        order) and how many match in all."""
+        self.reload_if_replaced()
+        clause, params = self._where(query)
+        cursor = self._cursor()
+        row = cursor.execute(f"SELECT count(*) FROM items{clause}", params).fetchone()
+        matched = int(row[0]) if row else 0
+        rows = cursor.execute(
+            f"SELECT id, {_collection_expr(self.columns)}, {_datetime_expr(self.columns)}, bbox,"
+            f" geometry::BLOB, assets FROM items{clause}"
+            f" ORDER BY {self._order_by(query.sortby)} LIMIT {int(query.limit)}",
+            params,
+        ).fetchall()
+        features = []
+        for item_id, collection, when, bbox, wkb, assets in rows:
+            geometry = json.loads(shapely.to_geojson(shapely.from_wkb(wkb))) if wkb else None
+            features.append(
+                {
+                    "type": "Feature",
+                    "id": item_id,
+                    "geometry": geometry,
+                    "bbox": [bbox["xmin"], bbox["ymin"], bbox["xmax"], bbox["ymax"]],
+                    "properties": {
+                        "datetime": _utc(when),
+                        "collection": collection,
+                        "assets": [k for k, v in (assets or {}).items() if v is not None],
+                    },
+                }
+            )
+        return features, matched
+
+    async def resolution_stats_async(self) -> dict[str, Any] | None:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.resolution_stats)
+
+    def resolution_stats(self) -> dict[str, Any] | None:
+        """The item with the finest pixel and the largest item, for TileJSON/WMTS zooms.
+
+        Pixel size is in degrees of longitude: bbox width over `proj:shape` columns, else
+        `gsd` metres over the metres per degree at the item's latitude. That orders items as
+        Web Mercator resolutions do. None when the catalog has neither column; items crossing
+        the antimeridian (xmin > xmax) are left out.
+        """
+        self.reload_if_replaced()
+
+        def build() -> dict[str, Any] | None:
+            width = "(bbox.xmax - bbox.xmin)"
+            coslat = "cos(radians((bbox.ymin + bbox.ymax) / 2))"
+            terms = []
+            if "proj:shape" in self.columns:
+                terms.append(f'{width} / NULLIF("proj:shape"[2], 0)')
+            if "gsd" in self.columns:
+                terms.append(f"gsd / ({_M_PER_DEG} * {coslat})")
+            if not terms:
+                return None
+            res = f"COALESCE({', '.join(terms)})"
+            size = f"greatest({width} * {coslat}, bbox.ymax - bbox.ymin)"
+            row = (
+                self._cursor()
+                .execute(
+                    "SELECT arg_min(bbox, res), min(res), arg_max(bbox, size)"
+                    f" FROM (SELECT bbox, {res} AS res, {size} AS size FROM items"
+                    " WHERE bbox.xmax > bbox.xmin AND bbox.ymax > bbox.ymin) WHERE res > 0"
+                )
+                .fetchone()
+            )
+            if row is None or row[0] is None:
+                return None
+            finest, res_deg, largest = row
+            box = lambda b: (b["xmin"], b["ymin"], b["xmax"], b["ymax"])  # noqa: E731
+            return {"finest_bbox": box(finest), "res_deg": res_deg, "largest_bbox": box(largest)}
+
+        return self._per_snapshot("resolution", build)
+
 
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
@@ -412,3 +575,29 @@ def _datetime_expr(columns: dict[str, str]) -> str:
             return "COALESCE(datetime, start_datetime)"
         return "datetime"
     return "start_datetime" if "start_datetime" in columns else "NULL::TIMESTAMPTZ"
+
+
+MAX_DATES = 1000  # distinct acquisition days listed per collection
+_M_PER_DEG = 111_319.49  # metres per degree of longitude on the WGS84 equator
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain JSON for catalog metadata: NaN/inf become strings (Starlette's JSON refuses
+    them), None-valued keys are dropped."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    return value
+
+
+def _utc(value: dt.datetime | None) -> str | None:
+    """RFC 3339 in UTC with a `Z`, as STAC writes datetimes."""
+    if value is None:
+        return None
+    value = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")

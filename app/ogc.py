@@ -1,0 +1,375 @@
+"""OGC-style descriptions of the mosaic so map clients can use it without reading our docs.
+
+TileJSON 3.0.0 (MapLibre, Leaflet, deck.gl), the OGC TileMatrixSet documents and a WMTS 1.0.0
+GetCapabilities (QGIS, ArcGIS, OpenLayers). Every URL in them is absolute and carries the
+request's own query string unchanged, so `assets`, `datetime`, `method`, `rescale`… chosen once
+apply to every tile the client then asks for.
+
+Zoom range rule (both TileJSON and WMTS), from the catalog alone (no COG header is opened):
+
+- maxzoom: the zoom whose output pixel is closest to the finest item pixel (the item with the
+  smallest pixel in degrees of longitude: bbox width / `proj:shape` columns, else `gsd`),
+  measured in the matrix set's CRS at that item (morecantile's `zoom_for_res`, "auto");
+  beyond it a client should overzoom rather than ask for upsampled tiles.
+- minzoom: the lowest zoom at which the largest item still spans MIN_ITEM_PIXELS output
+  pixels; below it a tile would read the coarsest overview of every item only to paint specks.
+- both clamped to the matrix set's range (minzoom ≤ maxzoom); with `tilesize` other than the
+  matrix's tile width the zooms shift accordingly; without `proj:shape`/`gsd` in the
+  catalog the whole range of the matrix set is announced.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Any
+from xml.etree import ElementTree as ET
+
+import morecantile
+from fastapi import APIRouter, Depends, Query, Request, Response
+from morecantile import TileMatrixSet
+from starlette.datastructures import URL
+
+from app.params import RenderParams, read_params, render_params, search_query
+from core.catalog import SearchQuery
+from core.engine import Engine, ReadParams
+from core.plan import TileError, reproject_bounds
+
+router = APIRouter(tags=["OGC"])
+DEFAULT_TMS = "WebMercatorQuad"
+MIN_ITEM_PIXELS = 8
+TILE_FORMAT = ("png", "image/png")  # WMTS layers are PNG: the mask becomes transparency
+
+NS = {
+    "": "http://www.opengis.net/wmts/1.0",
+    "ows": "http://www.opengis.net/ows/1.1",
+    "xlink": "http://www.w3.org/1999/xlink",
+    "xsi": "http://www.w3.org/2001/XMLSchema-instance",
+}
+for _prefix, _uri in NS.items():
+    ET.register_namespace(_prefix, _uri)
+
+Tilesize = Annotated[
+    int | None, Query(ge=1, description="Tile size the client will ask for (zooms shift).")
+]
+
+
+def public_url(request: Request, url: URL | None = None) -> URL:
+    """`url` (default: the request's) as the client sees it.
+
+    Behind a proxy, `X-Forwarded-Proto` and `X-Forwarded-Host` (the first value when a chain
+    is listed) replace the scheme and host.
+    """
+    url = url or request.url
+    proto = request.headers.get("x-forwarded-proto", "").split(",")[0].strip()
+    host = request.headers.get("x-forwarded-host", "").split(",")[0].strip()
+    if proto in ("http", "https"):
+        url = url.replace(scheme=proto)
+    if host and re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+", host):
+        url = url.replace(netloc=host)
+    return url
+
+
+def public_base_url(request: Request) -> str:
+    """The service's public URL ending with '/' (root path kept), for absolute links."""
+    text = str(public_url(request, request.base_url))
+    return text if text.endswith("/") else text + "/"
+
+
+def get_tms(tms_id: str) -> TileMatrixSet:
+    """The morecantile matrix set, or a 404 naming the valid ones."""
+    try:
+        return morecantile.tms.get(tms_id)
+    except Exception as exc:
+        raise TileError(
+            f"tileMatrixSetId: unknown {tms_id!r}; known: {', '.join(morecantile.tms.list())}"
+        ) from exc
+
+
+def _tms_crs(tms: TileMatrixSet) -> str:
+    return tms.rasterio_crs.to_string()
+
+
+def _extent(bounds: tuple[float, float, float, float], crs: str) -> tuple[float, float] | None:
+    """Width and height of lon/lat `bounds` in `crs`, None outside its domain."""
+    try:
+        left, bottom, right, top = reproject_bounds(bounds, "EPSG:4326", crs)
+    except Exception:
+        return None
+    size = (right - left, top - bottom)
+    return size if all(math.isfinite(v) and v > 0 for v in size) else None
+
+
+def zoom_range(
+    tms: TileMatrixSet, stats: dict[str, Any] | None, tilesize: int | None = None
+) -> tuple[int, int]:
+    """(minzoom, maxzoom) of the mosaic in `tms`; the rule is in this module's docstring."""
+    lo, hi = tms.minzoom, tms.maxzoom
+    if not stats:
+        return lo, hi
+    crs = _tms_crs(tms)
+    # output pixel at zoom z with `tilesize` = cellSize(z) * tileWidth / tilesize
+    scale = (tilesize or tms.matrix(lo).tileWidth) / tms.matrix(lo).tileWidth
+    minx, miny, maxx, maxy = stats["finest_bbox"]
+    cx, cy, d = (minx + maxx) / 2, (miny + maxy) / 2, stats["res_deg"]
+    # a ground square of one pixel at the finest item, as a side length in the TMS's units
+    pixel = _extent((cx, cy, cx + d, cy + d * math.cos(math.radians(cy))), crs)
+    largest = _extent(stats["largest_bbox"], crs)
+    if pixel is None or largest is None:
+        return lo, hi
+    res = math.sqrt(pixel[0] * pixel[1])
+    maxzoom = tms.zoom_for_res(res * scale, zoom_level_strategy="auto")
+    widest = max(largest) * scale / MIN_ITEM_PIXELS
+    minzoom = tms.zoom_for_res(widest, zoom_level_strategy="upper")
+    return min(minzoom, maxzoom), maxzoom
+
+
+def _bounds(summary: dict[str, Any], tms: TileMatrixSet) -> list[float]:
+    """The catalog's lon/lat bbox clipped to what the matrix set covers."""
+    world = tms.bbox
+    bbox = summary.get("bbox") or [world.left, world.bottom, world.right, world.top]
+    return [
+        max(bbox[0], world.left),
+        max(bbox[1], world.bottom),
+        min(bbox[2], world.right),
+        min(bbox[3], world.top),
+    ]
+
+
+def _engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+async def _describe(
+    request: Request, tms: TileMatrixSet, tilesize: int | None
+) -> tuple[list[float], int, int]:
+    catalog = _engine(request).catalog
+    summary = await catalog.summary_async()
+    stats = await catalog.resolution_stats_async() if summary.get("items") else None
+    minzoom, maxzoom = zoom_range(tms, stats, tilesize)
+    return _bounds(summary, tms), minzoom, maxzoom
+
+
+def _query_suffix(request: Request) -> str:
+    query = request.url.query
+    return f"?{query}" if query else ""
+
+
+async def _tilejson(
+    request: Request, tms_id: str, tilesize: int | None, params: ReadParams
+) -> dict[str, Any]:
+    tms = get_tms(tms_id)
+    _engine(request).resolve_assets(params.assets)  # unknown assets: 400 now, not per tile
+    bounds, minzoom, maxzoom = await _describe(request, tms, tilesize)
+    template = f"{public_base_url(request)}tiles/{tms.id}/{{z}}/{{x}}/{{y}}"
+    return {
+        "tilejson": "3.0.0",
+        "name": "terrazzo",
+        "description": f"Mosaic of {_engine(request).catalog.path.name} ({tms.id})",
+        "version": "1.0.0",
+        "scheme": "xyz",
+        "tiles": [template + _query_suffix(request)],
+        "minzoom": minzoom,
+        "maxzoom": maxzoom,
+        "bounds": bounds,
+        "center": [(bounds[0] + bounds[2]) / 2, (bounds[1] + bounds[3]) / 2, minzoom],
+    }
+
+
+@router.get("/tilejson.json", summary="TileJSON 3.0.0 of the mosaic (WebMercatorQuad)")
+async def tilejson(
+    request: Request,
+    tilesize: Tilesize = None,
+    query: SearchQuery = Depends(search_query),
+    params: ReadParams = Depends(read_params),
+    render: RenderParams = Depends(render_params),
+) -> dict[str, Any]:
+    """Every query parameter (the tile parameters) is copied into the `tiles` template."""
+    return await _tilejson(request, DEFAULT_TMS, tilesize, params)
+
+
+@router.get("/{tileMatrixSetId}/tilejson.json", summary="TileJSON 3.0.0 of the mosaic")
+async def tilejson_tms(
+    request: Request,
+    tileMatrixSetId: str,
+    tilesize: Tilesize = None,
+    query: SearchQuery = Depends(search_query),
+    params: ReadParams = Depends(read_params),
+    render: RenderParams = Depends(render_params),
+) -> dict[str, Any]:
+    """Every query parameter (the tile parameters) is copied into the `tiles` template."""
+    return await _tilejson(request, tileMatrixSetId, tilesize, params)
+
+
+@router.get("/tileMatrixSets", summary="The tile matrix sets tiles can be asked in")
+async def tile_matrix_sets(request: Request) -> dict[str, Any]:
+    base = public_base_url(request)
+    return {
+        "tileMatrixSets": [
+            {
+                "id": tms_id,
+                "title": morecantile.tms.get(tms_id).title,
+                "links": [
+                    {
+                        "href": f"{base}tileMatrixSets/{tms_id}",
+                        "rel": "self",
+                        "type": "application/json",
+                        "title": "The tile matrix set definition",
+                    }
+                ],
+            }
+            for tms_id in morecantile.tms.list()
+        ],
+        "links": [{"href": f"{base}tileMatrixSets", "rel": "self", "type": "application/json"}],
+    }
+
+
+@router.get("/tileMatrixSets/{tileMatrixSetId}", summary="One OGC TileMatrixSet 2.0 document")
+async def tile_matrix_set(tileMatrixSetId: str) -> Response:
+    tms = get_tms(tileMatrixSetId)
+    return Response(
+        tms.model_dump_json(exclude_none=True, by_alias=True), media_type="application/json"
+    )
+
+
+def _crs_urn(uri: str) -> str:
+    """http://www.opengis.net/def/crs/EPSG/0/3857 → urn:ogc:def:crs:EPSG::3857 (WMTS 1.0)."""
+    match = re.search(r"/def/crs/([^/]+)/([^/]+)/([^/]+)$", uri)
+    if not match:
+        return uri
+    authority, version, code = match.groups()
+    return f"urn:ogc:def:crs:{authority}:{'' if version == '0' else version}:{code}"
+
+
+def _el(parent: ET.Element, tag: str, text: Any = None, **attrs: str) -> ET.Element:
+    prefix, _, name = tag.rpartition(":")
+    element = ET.SubElement(parent, f"{{{NS[prefix]}}}{name}", attrs)
+    if text is not None:
+        element.text = str(text)
+    return element
+
+
+def _operation(parent: ET.Element, name: str, href: str) -> None:
+    op = _el(parent, "ows:Operation", name=name)
+    get = _el(_el(_el(op, "ows:DCP"), "ows:HTTP"), "ows:Get", **{f"{{{NS['xlink']}}}href": href})
+    allowed = _el(_el(get, "ows:Constraint", name="GetEncoding"), "ows:AllowedValues")
+    _el(allowed, "ows:Value", "RESTful")
+
+
+def wmts_capabilities(
+    tms: TileMatrixSet,
+    *,
+    base: str,
+    self_url: str,
+    query: str,
+    bounds: list[float],
+    minzoom: int,
+    maxzoom: int,
+    tilesize: int | None = None,
+) -> bytes:
+    """A WMTS 1.0.0 GetCapabilities document, elements in the schema's order: one layer
+    (the mosaic) with a RESTful ResourceURL and its matrix set (zooms minzoom..maxzoom).
+
+    With `tilesize`, tiles are that many pixels over the same ground, so TileWidth/Height
+    are `tilesize` and the scale denominators shrink in proportion.
+    """
+    root = ET.Element(
+        f"{{{NS['']}}}Capabilities",
+        {
+            "version": "1.0.0",
+            f"{{{NS['xsi']}}}schemaLocation": (
+                "http://www.opengis.net/wmts/1.0 "
+                "http://schemas.opengis.net/wmts/1.0/wmtsGetCapabilities_response.xsd"
+            ),
+        },
+    )
+    ident = _el(root, "ows:ServiceIdentification")
+    _el(ident, "ows:Title", "Terrazzo")
+    _el(ident, "ows:ServiceType", "OGC WMTS")
+    _el(ident, "ows:ServiceTypeVersion", "1.0.0")
+    ops = _el(root, "ows:OperationsMetadata")
+    _operation(ops, "GetCapabilities", self_url)
+    _operation(ops, "GetTile", self_url)
+
+    contents = _el(root, "Contents")
+    layer = _el(contents, "Layer")
+    _el(layer, "ows:Title", "Terrazzo mosaic")
+    _el(layer, "ows:Abstract", f"Mosaic of the catalog's items in {tms.id}")
+    box = _el(layer, "ows:WGS84BoundingBox", crs="urn:ogc:def:crs:OGC:2:84")
+    _el(box, "ows:LowerCorner", f"{bounds[0]} {bounds[1]}")
+    _el(box, "ows:UpperCorner", f"{bounds[2]} {bounds[3]}")
+    _el(layer, "ows:Identifier", "terrazzo")
+    style = _el(layer, "Style", isDefault="true")
+    _el(style, "ows:Identifier", "default")
+    _el(layer, "Format", TILE_FORMAT[1])
+    _el(_el(layer, "TileMatrixSetLink"), "TileMatrixSet", tms.id)
+    template = f"{base}tiles/{tms.id}/{{TileMatrix}}/{{TileCol}}/{{TileRow}}.{TILE_FORMAT[0]}"
+    _el(
+        layer,
+        "ResourceURL",
+        format=TILE_FORMAT[1],
+        resourceType="tile",
+        template=template + (f"?{query}" if query else ""),
+    )
+
+    matrix_set = _el(contents, "TileMatrixSet")
+    _el(matrix_set, "ows:Identifier", tms.id)
+    _el(matrix_set, "ows:SupportedCRS", _crs_urn(str(tms.crs.root)))
+    for z in range(minzoom, maxzoom + 1):
+        m = tms.matrix(z)
+        width, height = (tilesize, tilesize) if tilesize else (m.tileWidth, m.tileHeight)
+        matrix = _el(matrix_set, "TileMatrix")
+        _el(matrix, "ows:Identifier", m.id)
+        _el(matrix, "ScaleDenominator", repr(m.scaleDenominator * m.tileWidth / width))
+        _el(matrix, "TopLeftCorner", " ".join(repr(float(v)) for v in m.pointOfOrigin))
+        _el(matrix, "TileWidth", width)
+        _el(matrix, "TileHeight", height)
+        _el(matrix, "MatrixWidth", m.matrixWidth)
+        _el(matrix, "MatrixHeight", m.matrixHeight)
+    _el(root, "ServiceMetadataURL", **{f"{{{NS['xlink']}}}href": self_url})
+    ET.indent(root)
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+
+
+async def _wmts(
+    request: Request, tms_id: str, tilesize: int | None, params: ReadParams
+) -> Response:
+    tms = get_tms(tms_id)
+    _engine(request).resolve_assets(params.assets)
+    bounds, minzoom, maxzoom = await _describe(request, tms, tilesize)
+    body = wmts_capabilities(
+        tms,
+        base=public_base_url(request),
+        self_url=str(public_url(request)),
+        query=request.url.query,
+        bounds=bounds,
+        minzoom=minzoom,
+        maxzoom=maxzoom,
+        tilesize=tilesize,
+    )
+    return Response(body, media_type="application/xml")
+
+
+@router.get("/WMTSCapabilities.xml", summary="OGC WMTS 1.0.0 capabilities (WebMercatorQuad)")
+async def wmts(
+    request: Request,
+    tilesize: Tilesize = None,
+    query: SearchQuery = Depends(search_query),
+    params: ReadParams = Depends(read_params),
+    render: RenderParams = Depends(render_params),
+) -> Response:
+    """Every query parameter (the tile parameters) is copied into the ResourceURL template."""
+    return await _wmts(request, DEFAULT_TMS, tilesize, params)
+
+
+@router.get("/{tileMatrixSetId}/WMTSCapabilities.xml", summary="OGC WMTS 1.0.0 capabilities")
+async def wmts_tms(
+    request: Request,
+    tileMatrixSetId: str,
+    tilesize: Tilesize = None,
+    query: SearchQuery = Depends(search_query),
+    params: ReadParams = Depends(read_params),
+    render: RenderParams = Depends(render_params),
+) -> Response:
+    """Every query parameter (the tile parameters) is copied into the ResourceURL template."""
+    return await _wmts(request, tileMatrixSetId, tilesize, params)

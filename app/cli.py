@@ -1,4 +1,4 @@
-"""The `terrazzo` command line: serve, index, demo, plan."""
+"""The `terrazzo` command line: serve, index, demo, plan, bench."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,13 +16,14 @@ DEFAULT_DEMO_DIR = Path(os.environ.get("TERRAZZO_DEMO_DIR", "data/demo"))
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app.logs import configure
     from app.main import create_app
     from core.settings import Settings
 
     overrides = {
-        k: v
-        for k, v in (("catalog", args.catalog), ("host", args.host), ("port", args.port))
-        if v is not None
+        name: value
+        for name in Settings.model_fields
+        if name != "allow" and (value := getattr(args, name, None)) is not None
     }
     if args.allow:
         overrides["allow"] = ",".join([os.environ.get("TERRAZZO_ALLOW", ""), *args.allow])
@@ -32,9 +34,59 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    print("terrazzo settings:", json.dumps(settings.model_dump(mode="json")), flush=True)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    configure(settings.log_format, settings.log_level)
+    print("terrazzo settings:", json.dumps(settings.public()), flush=True)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # app.logs configured the loggers
+        access_log=False,  # the observer middleware logs each request with its id
+    )
     return 0
+
+
+def _setting_flags(parser: argparse.ArgumentParser) -> None:
+    """A --flag for every setting (TERRAZZO_* env var), with its description and default."""
+    from core.settings import Settings
+
+    for name, field in Settings.model_fields.items():
+        if name == "allow":
+            continue
+        kind = field.annotation
+        kind = {int: int, float: float}.get(kind, str)  # type: ignore[call-overload]
+        if field.annotation is bool:
+            parser.add_argument(
+                f"--{name.replace('_', '-')}",
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{field.description or ''} (default {field.default}; "
+                f"env TERRAZZO_{name.upper()})",
+            )
+            continue
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=kind,
+            default=None,
+            metavar=name.split("_")[-1].upper(),
+            help=f"{field.description or ''} (default {field.default}; "
+            f"env TERRAZZO_{name.upper()})",
+        )
+
+
+BENCHMARKS = ("tiles", "remote", "chunks", "search", "load")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Run bench/<name>.py from the source tree (benchmarks are not part of the wheel)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / f"{args.name}.py").exists():
+        print(f"terrazzo bench: no bench/{args.name}.py under {root}", file=sys.stderr)
+        return 2
+    command = [sys.executable, "-m", f"bench.{args.name}", *args.args]
+    return subprocess.call(command, cwd=root)
 
 
 def _index(args: argparse.Namespace) -> int:
@@ -85,10 +137,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="terrazzo", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="Serve tiles and chunks for a STAC-GeoParquet catalog.")
-    s.add_argument("--catalog", help="STAC-GeoParquet file (env TERRAZZO_CATALOG).")
-    s.add_argument("--host", help="Address to bind (default 127.0.0.1).")
-    s.add_argument("--port", type=int, help="Port (default 8000).")
+    s = sub.add_parser(
+        "serve",
+        help="Serve tiles and chunks for a STAC-GeoParquet catalog.",
+        description="Serve a catalog. Every setting is a flag here and an env var "
+        "TERRAZZO_<NAME>; flags win. The settings in use are printed at start-up.",
+    )
+    _setting_flags(s)
     s.add_argument(
         "--allow",
         action="append",
@@ -130,6 +185,18 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--resampling", default="nearest")
     pl.add_argument("--json", action="store_true", help="Print the plan as JSON.")
     pl.set_defaults(run=_plan)
+
+    b = sub.add_parser(
+        "bench",
+        help="Run a benchmark against rio-tiler/GDAL in one process tree (source tree only).",
+        description="tiles: local tiles vs rio-tiler mosaic_reader; remote: tiles over HTTP "
+        "with a delay vs GDAL /vsicurl/; chunks: bulk chunks vs rasterio warps; search: 10k "
+        "vs 1M items; load: 64 clients against a real server. Extra arguments go to the "
+        "benchmark (e.g. terrazzo bench tiles -- --help).",
+    )
+    b.add_argument("name", choices=BENCHMARKS)
+    b.add_argument("args", nargs=argparse.REMAINDER, help="Passed to the benchmark.")
+    b.set_defaults(run=_bench)
     return p
 
 

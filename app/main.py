@@ -6,17 +6,19 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from app import catalog_routes, chunks, ogc, tiles, viewer
 from app.encoders import EncodeError
 from app.guard import BodyTooLarge, Guard
+from app.metrics import CONTENT_TYPE, Metrics
+from app.observe import Observer
 from core.catalog import SearchError, SearchQuery
 from core.chunks import LimitError
 from core.engine import Engine, ParamError, ReadFailed
@@ -30,15 +32,19 @@ log = logging.getLogger("terrazzo")
 class LoopLag:
     """Samples how late the event loop wakes from a 50 ms sleep: its lag, kept for 60 s."""
 
-    def __init__(self, interval: float = 0.05) -> None:
+    def __init__(self, interval: float = 0.05, observe: Callable[[float], None] | None = None):
         self.interval = interval
         self.samples: deque[float] = deque(maxlen=int(60 / interval))
+        self.observe = observe
 
     async def run(self) -> None:
         while True:
             started = time.perf_counter()
             await asyncio.sleep(self.interval)
-            self.samples.append(time.perf_counter() - started - self.interval)
+            lag = time.perf_counter() - started - self.interval
+            self.samples.append(lag)
+            if self.observe is not None:
+                self.observe(lag)
 
     def summary(self) -> dict[str, float]:
         if not self.samples:
@@ -69,7 +75,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own = engine is None
         app.state.engine = engine or Engine(settings)
-        app.state.lag = LoopLag()
+        app.state.lag = LoopLag(observe=metrics.loop_lag.observe)
         probe = asyncio.ensure_future(app.state.lag.run())
         await asyncio.to_thread(app.state.engine.compute.warm)
         log.info("serving %s", app.state.engine.catalog.summary())
@@ -102,6 +108,12 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             expose_headers=["X-Terrazzo-Items", "X-Terrazzo-Errors", "Server-Timing"],
         )
     app.add_middleware(Guard, settings=settings)
+    metrics = app.state.metrics = Metrics()
+    metrics.watch(
+        lambda: getattr(app.state, "engine", None),
+        lambda: guard.inflight if (guard := _guard(app)) else 0,
+    )
+    app.add_middleware(Observer, metrics=metrics)  # outermost: sees 503s and 413s too
 
     def error(status: int, exc: Exception, **extra: object) -> JSONResponse:
         return JSONResponse({"detail": str(exc), **extra}, status_code=status)
@@ -185,6 +197,11 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             },
             "inflight": guard.inflight if (guard := _guard(request.app)) else None,
         }
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus(request: Request) -> Response:
+        """Prometheus text format: requests, latency and stage histograms, caches, pool."""
+        return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/info", summary="Catalog summary: item count, extent, dates, assets")
     async def info(request: Request) -> dict:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import time
 from functools import partial
 from typing import Annotated
 
@@ -29,7 +31,7 @@ def _engine(request: Request) -> Engine:
 
 
 async def _tile(
-    engine: Engine,
+    request: Request,
     tms: str,
     z: int,
     x: int,
@@ -40,12 +42,17 @@ async def _tile(
     params: ReadParams,
     render: RenderParams,
 ) -> Response:
+    started = time.perf_counter()
+    engine = _engine(request)
     if fmt is not None and fmt not in FORMATS:
         raise ParamError(f"format: unknown {fmt!r}; choose one of {sorted(FORMATS)}")
     limit = engine.settings.max_tilesize
     if tilesize > limit:
         raise ParamError(f"tilesize: {tilesize} is above this server's limit of {limit}")
     grid = tile_grid(tms, z, x, y, tilesize)
+    etag = await _etag(request, engine)
+    if etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers=_cacheable(engine, etag))
     async with asyncio.timeout(engine.settings.tile_timeout_s):  # cancels the work, then 504
         mosaic = await engine.read(grid, query, params)
     if mosaic is None:
@@ -54,23 +61,29 @@ async def _tile(
         needs_mask = not mosaic.valid.all()
         eight_bit = mosaic.data.dtype == np.uint8 or bool(render.rescale)
         fmt = "jpeg" if eight_bit and not needs_mask else "png"
-    body = await engine.compute.run(
-        partial(
-            encode,
-            rescale=render.rescale,
-            colormap_name=render.colormap_name,
-            crs=grid.crs,
-            transform=tuple(grid.transform)[:6],
-        ),
-        mosaic.data,
-        mosaic.valid,
-        fmt,
-    )
-    timing = ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in mosaic.timings.items())
+    with mosaic.clock.stage("encode"):
+        body = await engine.compute.run(
+            partial(
+                encode,
+                rescale=render.rescale,
+                colormap_name=render.colormap_name,
+                crs=grid.crs,
+                transform=tuple(grid.transform)[:6],
+            ),
+            mosaic.data,
+            mosaic.valid,
+            fmt,
+        )
+    total = time.perf_counter() - started
+    request.app.state.metrics.observe_stages(mosaic.clock)
     headers = {
         "X-Terrazzo-Items": str(len(mosaic.plan.items)),
-        "Server-Timing": timing,
+        "Server-Timing": mosaic.clock.server_timing({"total": total}),
     }
+    if mosaic.errors or mosaic.plan.truncated:
+        headers["Cache-Control"] = "no-store"  # an item failed or was left out: not final
+    else:
+        headers.update(_cacheable(engine, etag))
     if mosaic.errors:
         text = "; ".join(f"{i}: {e}" for i, e in mosaic.errors)
         headers["X-Terrazzo-Errors"] = (
@@ -79,6 +92,18 @@ async def _tile(
     if mosaic.plan.truncated:
         headers["X-Terrazzo-Truncated"] = "item limit reached; older items left out"
     return Response(body, media_type=FORMATS[fmt][1], headers=headers)
+
+
+async def _etag(request: Request, engine: Engine) -> str:
+    """A tile is a function of the catalog file in use and the request (COG assets are
+    immutable, as STAC assets are by convention): hash both, no pixel read needed."""
+    params = sorted(request.query_params.multi_items())
+    key = f"{await engine.catalog.version_async()}|{request.url.path}|{params}"
+    return '"' + hashlib.blake2b(key.encode(), digest_size=12).hexdigest() + '"'
+
+
+def _cacheable(engine: Engine, etag: str) -> dict[str, str]:
+    return {"ETag": etag, "Cache-Control": f"public, max-age={engine.settings.cache_max_age_s}"}
 
 
 async def _assets(
@@ -153,9 +178,7 @@ async def tile_tms_format(
     params: ReadParams = Depends(read_params),
     render: RenderParams = Depends(render_params),
 ) -> Response:
-    return await _tile(
-        _engine(request), tileMatrixSetId, z, x, y, format, tilesize, query, params, render
-    )
+    return await _tile(request, tileMatrixSetId, z, x, y, format, tilesize, query, params, render)
 
 
 @router.get("/tiles/{tileMatrixSetId}/{z}/{x}/{y}", summary="Mosaic tile")
@@ -171,9 +194,7 @@ async def tile_tms(
     params: ReadParams = Depends(read_params),
     render: RenderParams = Depends(render_params),
 ) -> Response:
-    return await _tile(
-        _engine(request), tileMatrixSetId, z, x, y, format, tilesize, query, params, render
-    )
+    return await _tile(request, tileMatrixSetId, z, x, y, format, tilesize, query, params, render)
 
 
 @router.get("/tiles/{z}/{x}/{y}.{format}", summary="WebMercatorQuad tile in a format")
@@ -188,9 +209,7 @@ async def tile_format(
     params: ReadParams = Depends(read_params),
     render: RenderParams = Depends(render_params),
 ) -> Response:
-    return await _tile(
-        _engine(request), DEFAULT_TMS, z, x, y, format, tilesize, query, params, render
-    )
+    return await _tile(request, DEFAULT_TMS, z, x, y, format, tilesize, query, params, render)
 
 
 @router.get("/tiles/{z}/{x}/{y}", summary="WebMercatorQuad tile")
@@ -205,9 +224,7 @@ async def tile(
     params: ReadParams = Depends(read_params),
     render: RenderParams = Depends(render_params),
 ) -> Response:
-    return await _tile(
-        _engine(request), DEFAULT_TMS, z, x, y, format, tilesize, query, params, render
-    )
+    return await _tile(request, DEFAULT_TMS, z, x, y, format, tilesize, query, params, render)
 
 
 @router.get("/plan/{tileMatrixSetId}/{z}/{x}/{y}", summary="The read plan behind a tile")

@@ -113,6 +113,7 @@ class ComputePool:
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(["core.compute", "rasterio.warp", "numpy"])
         self._pool = self._new_pool()
+        self.pending = 0  # jobs submitted and not finished: queue depth plus running jobs
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
@@ -127,16 +128,20 @@ class ComputePool:
         """Run a job in a worker. If the pool broke (a worker died), rebuild it and run the
         job once more: jobs are pure functions, so a second run is safe."""
         loop = asyncio.get_running_loop()
-        for attempt in (1, 2):
-            pool = self._pool
-            try:
-                return await loop.run_in_executor(pool, fn, *args)
-            except BrokenProcessPool:
-                if self._pool is pool:  # the first to notice rebuilds it
-                    self._pool = self._new_pool()
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        self.pending += 1
+        try:
+            for attempt in (1, 2):
+                pool = self._pool
+                try:
+                    return await loop.run_in_executor(pool, fn, *args)
+                except BrokenProcessPool:
+                    if self._pool is pool:  # the first to notice rebuilds it
+                        self._pool = self._new_pool()
+                    if attempt == 2:
+                        raise
+            raise AssertionError("unreachable")
+        finally:
+            self.pending -= 1
 
     async def ping(self) -> int:
         """Run a trivial job: proves a worker is alive (rebuilding a broken pool)."""

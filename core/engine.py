@@ -8,7 +8,6 @@ compute in the process pool — and the engine only moves plain data between the
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +31,7 @@ from core.plan import (
     transformer,
 )
 from core.settings import Settings
+from core.timing import StageClock
 
 
 class ParamError(ValueError):
@@ -76,7 +76,7 @@ class Mosaic:
     valid: np.ndarray
     plan: ReadPlan
     errors: list[tuple[str, str]] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
+    clock: StageClock = field(default_factory=StageClock)  # busy time of each stage
 
 
 class Engine:
@@ -162,13 +162,22 @@ class Engine:
         items = await self.catalog.search(full)
         return items[:limit], len(items) > limit
 
-    async def plan(self, grid: Grid, query: SearchQuery, params: ReadParams) -> ReadPlan:
+    async def plan(
+        self,
+        grid: Grid,
+        query: SearchQuery,
+        params: ReadParams,
+        clock: StageClock | None = None,
+    ) -> ReadPlan:
+        clock = clock or StageClock()
         assets = self.resolve_assets(params.assets)
-        items, truncated = await self.search(grid, query)
+        with clock.stage("search"):
+            items, truncated = await self.search(grid, query)
         hrefs = {item.assets[a] for item in items for a in assets if a in item.assets}
-        opened = await asyncio.gather(
-            *(self.fetcher.header(h) for h in hrefs), return_exceptions=True
-        )
+        with clock.stage("headers"):
+            opened = await asyncio.gather(
+                *(self.fetcher.header(h) for h in hrefs), return_exceptions=True
+            )
         headers: dict[str, Header | BaseException] = dict(zip(hrefs, opened, strict=True))
         for value in headers.values():
             if isinstance(value, asyncio.CancelledError):
@@ -187,23 +196,19 @@ class Engine:
 
     async def read(self, grid: Grid, query: SearchQuery, params: ReadParams) -> Mosaic | None:
         """Mosaic of every item covering `grid`; None when no item has data there."""
-        started = time.perf_counter()
-        plan = await self.plan(grid, query, params)
-        planned = time.perf_counter()
-        mosaic = await self.execute(plan, params)
-        if mosaic is not None:
-            mosaic.timings = {
-                "plan": planned - started,
-                "read": time.perf_counter() - planned,
-            }
-        return mosaic
+        clock = StageClock()
+        plan = await self.plan(grid, query, params, clock)
+        return await self.execute(plan, params, clock)
 
-    async def execute(self, plan: ReadPlan, params: ReadParams) -> Mosaic | None:
+    async def execute(
+        self, plan: ReadPlan, params: ReadParams, clock: StageClock | None = None
+    ) -> Mosaic | None:
         """Fetch and warp the plan's items concurrently, mosaic them in plan order.
 
         With `first`, once the layers done so far (in order) cover every pixel the remaining
         reads are cancelled: older items under a full mosaic are never fetched to the end.
         """
+        clock = clock or StageClock()
         errors = list(plan.errors)
         if not plan.items:
             if errors:
@@ -221,15 +226,17 @@ class Engine:
 
         async def one(item: ItemRead) -> tuple[np.ndarray, np.ndarray]:
             async with limit:
-                pixels = await asyncio.gather(
-                    *(self.fetcher.read(r, nodata=params.nodata) for r in item.reads)
-                )
+                with clock.stage("fetch"):
+                    pixels = await asyncio.gather(
+                        *(self.fetcher.read(r, nodata=params.nodata) for r in item.reads)
+                    )
                 sources = [
                     Source.of(p.data, p.valid, r) for p, r in zip(pixels, item.reads, strict=True)
                 ]
-                return await self.compute.run(
-                    compute.warp_item, sources, target, params.resampling, params.bidx
-                )
+                with clock.stage("warp"):
+                    return await self.compute.run(
+                        compute.warp_item, sources, target, params.resampling, params.bidx
+                    )
 
         tasks = [asyncio.ensure_future(one(item)) for item in plan.items]
         layers: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(tasks)
@@ -267,10 +274,11 @@ class Engine:
         if len(done) == 1 and METHODS[params.method].identity_for_one:
             data, valid = done[0]
         else:
-            data, valid = await self.compute.run(compute.mosaic, done, params.method)
+            with clock.stage("mosaic"):
+                data, valid = await self.compute.run(compute.mosaic, done, params.method)
         if not valid.any():
             return None
-        return Mosaic(data=data, valid=valid, plan=plan, errors=errors)
+        return Mosaic(data=data, valid=valid, plan=plan, errors=errors, clock=clock)
 
     # -- point values --------------------------------------------------------------------------
 

@@ -53,6 +53,13 @@ class Settings(BaseSettings):
     max_inflight: int = Field(64, ge=1, description="Data requests at once; more get 503.")
     tile_timeout_s: float = Field(30, gt=0, description="Time budget of one tile (else 504).")
 
+    # HTTP caching and logs
+    cache_max_age_s: int = Field(
+        3600, ge=0, description="Cache-Control max-age of complete tiles (ETag revalidates)."
+    )
+    log_format: str = Field("json", pattern="^(json|text)$", description="json or text logs.")
+    log_level: str = Field("info", description="debug, info, warning or error.")
+
     # Access control and CORS
     api_key: str | None = Field(None, description="If set, data routes need X-API-Key.")
     cors_origins: str = Field("", description="Comma-separated origins allowed by CORS, or *.")
@@ -60,3 +67,10 @@ class Settings(BaseSettings):
     # Chunks
     chunk_concurrency: int = Field(4, ge=1, description="Chunks of one request read at once.")
     chunk_timeout_s: float = Field(120, gt=0, description="Time budget of one chunk.")
+
+    def public(self) -> dict:
+        """The settings as JSON-ready data with secrets masked, for the start-up line."""
+        out = self.model_dump(mode="json")
+        if out.get("api_key"):
+            out["api_key"] = "***"
+        return out

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -35,9 +36,16 @@ def free_port() -> int:
 class Server:
     """`terrazzo serve` in a subprocess on 127.0.0.1, as a user would start it."""
 
-    def __init__(self, catalog: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, catalog: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # A file, not a pipe: a long session logs more than a pipe buffers, and a full pipe
+        # would block the server.
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the server
+            "w+", prefix="terrazzo-server-", suffix=".log"
+        )
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -48,16 +56,16 @@ class Server:
                 str(catalog),
                 "--port",
                 str(self.port),
+                *args,
             ],
             env={**os.environ, **(env or {})},
-            stdout=subprocess.PIPE,
+            stdout=self.log,
             stderr=subprocess.STDOUT,
-            text=True,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
+                raise RuntimeError(f"server exited: {self.output()}")
             try:
                 if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
                     return
@@ -66,13 +74,19 @@ class Server:
         self.stop()
         raise RuntimeError("server did not start in 60 s")
 
+    def output(self) -> str:
+        """Everything the server printed and logged so far."""
+        return Path(self.log.name).read_text(errors="replace")
+
     def stop(self) -> str:
         self.proc.terminate()
         try:
-            out, _ = self.proc.communicate(timeout=15)
+            self.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            out, _ = self.proc.communicate()
+            self.proc.wait()
+        out = self.output()
+        self.log.close()
         return out
 
 

@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 
 import duckdb
+import httpx
 import morecantile
+
+from tests.conftest import Server
 
 
 def terrazzo(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -24,7 +27,7 @@ def terrazzo(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
 def test_help_lists_commands() -> None:
     out = terrazzo("--help")
     assert out.returncode == 0
-    for command in ("serve", "index", "demo", "plan"):
+    for command in ("serve", "index", "demo", "plan", "bench"):
         assert command in out.stdout
 
 
@@ -61,3 +64,39 @@ def test_serve_without_catalog_says_how(tmp_path: Path) -> None:
     result = terrazzo("serve", env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert result.returncode == 2
     assert "TERRAZZO_CATALOG" in result.stderr
+
+
+def test_every_setting_is_a_serve_flag() -> None:
+    from core.settings import Settings
+
+    out = terrazzo("serve", "--help")
+    assert out.returncode == 0
+    for name in Settings.model_fields:
+        assert f"--{name.replace('_', '-')}" in out.stdout, name
+        assert f"TERRAZZO_{name.upper()}" in " ".join(out.stdout.split()), name
+
+
+def test_flags_win_over_env_and_secrets_are_masked(demo_catalog: Path) -> None:
+    server = Server(
+        demo_catalog,
+        env={"TERRAZZO_MAX_TILESIZE": "512", "TERRAZZO_API_KEY": "hunter2"},
+        args=("--max-tilesize", "128"),
+    )
+    try:
+        r = httpx.get(
+            f"{server.url}/tiles/0/0/0", params={"tilesize": 256}, headers={"X-API-Key": "hunter2"}
+        )
+        assert r.status_code == 400 and "128" in r.json()["detail"]
+    finally:
+        output = server.stop()
+    first = output.splitlines()[0]
+    settings = json.loads(first.removeprefix("terrazzo settings: "))
+    assert settings["max_tilesize"] == 128 and settings["api_key"] == "***"
+    assert "hunter2" not in output
+
+
+def test_bench_runs_the_source_tree_benchmarks() -> None:
+    out = terrazzo("bench", "search", "--help")
+    assert out.returncode == 0, out.stderr
+    assert "1,000,000" in out.stdout
+    assert terrazzo("bench", "nope").returncode == 2

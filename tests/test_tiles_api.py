@@ -33,7 +33,7 @@ def test_png_tile(http: httpx.Client) -> None:
     pixels = np.asarray(img)
     assert pixels[..., :3].std() > 5, "a landscape, not a flat colour"
     assert int(r.headers["X-Terrazzo-Items"]) >= 2
-    assert "plan;dur=" in r.headers["Server-Timing"]
+    assert "search;dur=" in r.headers["Server-Timing"]
 
 
 def test_npy_layout_follows_titiler(http: httpx.Client) -> None:

@@ -10,9 +10,9 @@ DEMO := $(DEMO_DIR)/items.parquet
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup serve test lint demo bench bench-chunks clean browser
+.PHONY: setup serve test lint demo bench bench-chunks clean tools
 
-setup: $(STAMP) browser
+setup: $(STAMP) tools
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,14 +32,18 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Chromium for tests/test_viewer.py (playwright drives the system browser; no browser download)
-browser:
-	@command -v chromium >/dev/null 2>&1 || { \
+# System tools the tests drive, from Debian's packages: Chromium for the viewer (playwright uses
+# the system browser, no download), docker-compose and nginx to parse the deployment files.
+TOOLS := chromium docker-compose nginx
+tools:
+	@missing=$$(for t in $(TOOLS); do command -v $$t >/dev/null 2>&1 || echo $$t; done); \
+	pkgs=$$(echo $$missing | sed 's/nginx/nginx-light/'); \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
-	  else echo "tests/test_viewer.py needs Chromium: sudo apt-get install chromium" >&2; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs; \
+	  else echo "the tests need: sudo apt-get install $$pkgs" >&2; fi; fi
 
-test: lint browser
+test: lint tools
 	$(BIN)/pytest -q
 
 bench: $(STAMP) $(DEMO)

@@ -33,7 +33,7 @@ from starlette.datastructures import URL
 from app.params import RenderParams, read_params, render_params, search_query
 from core.catalog import SearchQuery
 from core.engine import Engine, ReadParams
-from core.plan import TileError, reproject_bounds
+from core.plan import matrix_set, matrix_set_crs, reproject_bounds
 
 router = APIRouter(tags=["OGC"])
 DEFAULT_TMS = "WebMercatorQuad"
@@ -76,20 +76,6 @@ def public_base_url(request: Request) -> str:
     return text if text.endswith("/") else text + "/"
 
 
-def get_tms(tms_id: str) -> TileMatrixSet:
-    """The morecantile matrix set, or a 404 naming the valid ones."""
-    try:
-        return morecantile.tms.get(tms_id)
-    except Exception as exc:
-        raise TileError(
-            f"tileMatrixSetId: unknown {tms_id!r}; known: {', '.join(morecantile.tms.list())}"
-        ) from exc
-
-
-def _tms_crs(tms: TileMatrixSet) -> str:
-    return tms.rasterio_crs.to_string()
-
-
 def _extent(bounds: tuple[float, float, float, float], crs: str) -> tuple[float, float] | None:
     """Width and height of lon/lat `bounds` in `crs`, None outside its domain."""
     try:
@@ -107,7 +93,7 @@ def zoom_range(
     lo, hi = tms.minzoom, tms.maxzoom
     if not stats:
         return lo, hi
-    crs = _tms_crs(tms)
+    crs = matrix_set_crs(tms.id)
     # output pixel at zoom z with `tilesize` = cellSize(z) * tileWidth / tilesize
     scale = (tilesize or tms.matrix(lo).tileWidth) / tms.matrix(lo).tileWidth
     minx, miny, maxx, maxy = stats["finest_bbox"]
@@ -158,7 +144,7 @@ def _query_suffix(request: Request) -> str:
 async def _tilejson(
     request: Request, tms_id: str, tilesize: int | None, params: ReadParams
 ) -> dict[str, Any]:
-    tms = get_tms(tms_id)
+    tms = matrix_set(tms_id)
     _engine(request).resolve_assets(params.assets)  # unknown assets: 400 now, not per tile
     bounds, minzoom, maxzoom = await _describe(request, tms, tilesize)
     template = f"{public_base_url(request)}tiles/{tms.id}/{{z}}/{{x}}/{{y}}"
@@ -208,7 +194,7 @@ async def tile_matrix_sets(request: Request) -> dict[str, Any]:
         "tileMatrixSets": [
             {
                 "id": tms_id,
-                "title": morecantile.tms.get(tms_id).title,
+                "title": matrix_set(tms_id).title,
                 "links": [
                     {
                         "href": f"{base}tileMatrixSets/{tms_id}",
@@ -226,7 +212,7 @@ async def tile_matrix_sets(request: Request) -> dict[str, Any]:
 
 @router.get("/tileMatrixSets/{tileMatrixSetId}", summary="One OGC TileMatrixSet 2.0 document")
 async def tile_matrix_set(tileMatrixSetId: str) -> Response:
-    tms = get_tms(tileMatrixSetId)
+    tms = matrix_set(tileMatrixSetId)
     return Response(
         tms.model_dump_json(exclude_none=True, by_alias=True), media_type="application/json"
     )
@@ -334,7 +320,7 @@ def wmts_capabilities(
 async def _wmts(
     request: Request, tms_id: str, tilesize: int | None, params: ReadParams
 ) -> Response:
-    tms = get_tms(tms_id)
+    tms = matrix_set(tms_id)
     _engine(request).resolve_assets(params.assets)
     bounds, minzoom, maxzoom = await _describe(request, tms, tilesize)
     body = wmts_capabilities(

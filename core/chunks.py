@@ -48,14 +48,21 @@ class ChunkSpec:
     ) -> ChunkSpec:
         """From width/height, or from a resolution (pixel size in CRS units)."""
         minx, miny, maxx, maxy = bbox
+        if not all(math.isfinite(v) for v in (*bbox, maxx - minx, maxy - miny)):
+            raise ParamError(f"chunks[{id}].bbox: needs finite coordinates and size, got {bbox}")
         if not (maxx > minx and maxy > miny):
             raise ParamError(f"chunks[{id}].bbox: needs minx < maxx and miny < maxy, got {bbox}")
         if resolution is not None:
             rx, ry = resolution if isinstance(resolution, tuple) else (resolution, resolution)
-            if rx <= 0 or ry <= 0:
+            if not (rx > 0 and ry > 0 and math.isfinite(rx) and math.isfinite(ry)):
                 raise ParamError(f"chunks[{id}].resolution: must be positive, got {resolution}")
-            width = max(1, round((maxx - minx) / rx))
-            height = max(1, round((maxy - miny) / ry))
+            across, down = (maxx - minx) / rx, (maxy - miny) / ry
+            if not (math.isfinite(across) and math.isfinite(down)):
+                raise ParamError(
+                    f"chunks[{id}].resolution: {resolution} makes a grid too large to count"
+                )
+            width = max(1, round(across))
+            height = max(1, round(down))
         if not width or not height or width < 1 or height < 1:
             raise ParamError(f"chunks[{id}]: give width and height (pixels) or a resolution")
         return cls(id=id, bbox=bbox, width=int(width), height=int(height))

@@ -199,6 +199,23 @@ def test_dry_run_returns_plans(http: httpx.Client) -> None:
             "width and height",
         ),
         ({"crs": "EPSG:3857", "chunks": []}, 422, "chunks"),
+        (  # found by the OpenAPI fuzzer: an infinite-size grid was a 500
+            {
+                "crs": "EPSG:32632",
+                "dry_run": True,
+                "chunks": [{"id": "a", "bbox": [-1e308, -1e308, 1e308, 1e308], "width": 1}],
+            },
+            400,
+            "finite",
+        ),
+        (
+            {
+                "crs": "EPSG:32632",
+                "chunks": [{"id": "a", "bbox": [0, 0, 1e308, 1e308], "resolution": 1e-9}],
+            },
+            400,
+            "too large",
+        ),
         (
             {
                 "crs": "EPSG:3857",

@@ -13,7 +13,8 @@ from typing import Any
 
 from core.settings import Settings
 
-OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/openapi.json", "/redoc")
+# The viewer's page and scripts carry no data (the page sends the key with its data requests)
+OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/openapi.json", "/redoc", "/map", "/static/")
 
 
 async def _reply(send: Any, status: int, detail: str, headers: dict[str, str] | None = None):

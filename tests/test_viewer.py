@@ -174,3 +174,24 @@ def test_page_and_vendored_maplibre_are_served_locally(http: httpx.Client) -> No
     for text in (page.text, http.get("/static/map.js").text):
         assert "http://" not in text and "https://" not in text
     assert http.get("/static/../ogc.py").status_code == 404
+
+
+def test_viewer_with_an_api_key(browser: Any, demo_catalog: Path) -> None:
+    """With TERRAZZO_API_KEY set the page loads openly and sends the key from #key=."""
+    keyed = Server(demo_catalog, env={"TERRAZZO_API_KEY": "k3y"})
+    page = browser.new_page(viewport={"width": 800, "height": 600})
+    try:
+        assert httpx.get(f"{keyed.url}/tilejson.json").status_code == 401
+        page.goto(f"{keyed.url}/map")  # no key: the page says how to give one
+        page.wait_for_function(
+            "() => document.querySelector('#status').textContent.includes('API key')",
+            timeout=30_000,
+        )
+        page.goto(f"{keyed.url}/map#key=k3y")
+        page.reload()  # the fragment alone does not reload the page
+        page.wait_for_function(READY, timeout=60_000)
+        share, colours = painted(map_pixels(page))
+        assert share > 0.03 and colours > 300, (share, colours)
+    finally:
+        page.close()
+        keyed.stop()

@@ -22,6 +22,14 @@ const state = {
 window.terrazzo = state; // for the console and the browser tests
 
 const $ = (id) => document.getElementById(id);
+
+// A service started with TERRAZZO_API_KEY wants the key on every data request: open the page
+// as /map#key=KEY (a fragment is never sent to a server nor logged); it is kept for the tab.
+const hashKey = new URLSearchParams(location.hash.slice(1)).get("key");
+if (hashKey) sessionStorage.setItem("terrazzo-key", hashKey);
+const apiKey = sessionStorage.getItem("terrazzo-key");
+const keyHeaders = apiKey ? { "X-API-Key": apiKey } : {};
+const authFetch = (url) => fetch(url, { headers: keyHeaders });
 const api = (path, params) => {
   const url = new URL(path, document.baseURI);
   if (params && [...params].length) url.search = params.toString();
@@ -35,7 +43,7 @@ function setStatus(text, error = false) {
 }
 
 async function getJSON(url) {
-  const response = await fetch(url);
+  const response = await authFetch(url);
   let body = null;
   try {
     body = await response.json();
@@ -43,6 +51,7 @@ async function getJSON(url) {
     /* not JSON */
   }
   if (!response.ok) {
+    if (response.status === 401) throw new Error("this service needs an API key: open /map#key=YOUR_KEY");
     throw new Error((body && body.detail) || `${response.status} ${response.statusText}`);
   }
   return body;
@@ -148,7 +157,7 @@ async function sampleRange(asset) {
     const params = searchParams();
     params.set("assets", asset);
     try {
-      const response = await fetch(api(`tiles/WebMercatorQuad/${z}/${x}/${y}.npy`, params));
+      const response = await authFetch(api(`tiles/WebMercatorQuad/${z}/${x}/${y}.npy`, params));
       if (response.status !== 200) continue;
       const array = parseNpy(await response.arrayBuffer());
       const range = array && validRange(array);
@@ -334,7 +343,7 @@ function createMap(bounds) {
     attributionControl: false,
     transformRequest: (url, type) => {
       if (type === "Tile") state.tileUrls.push(url);
-      return { url };
+      return { url, headers: keyHeaders };
     },
   });
   state.map = map;

@@ -78,7 +78,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         app.state.lag = LoopLag(observe=metrics.loop_lag.observe)
         probe = asyncio.ensure_future(app.state.lag.run())
         await asyncio.to_thread(app.state.engine.compute.warm, ("app.encoders",))
-        log.info("serving %s", app.state.engine.catalog.summary())
+        log.info("serving %s", await app.state.engine.catalog.summary_async())
         print(app.state.engine.access_report(), flush=True)
         try:
             yield

@@ -108,6 +108,13 @@ def serve_in_thread(app: Any) -> Iterator[str]:
         thread.join(timeout=15)
 
 
+def assert_clear_error(response: httpx.Response, status: int, needle: str) -> None:
+    """A 4xx with a JSON body whose `detail` names what to fix."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert needle in response.json()["detail"]
+
+
 @pytest.fixture(scope="session")
 def server(demo_catalog: Path) -> Iterator[Server]:
     srv = Server(demo_catalog)

@@ -17,6 +17,7 @@ import shapely
 from app.catalog_routes import MAX_LIMIT, parse_bbox
 from core.catalog import Catalog, SearchQuery
 from core.engine import ParamError
+from tests.conftest import assert_clear_error
 
 ALL = 37  # demo items
 
@@ -134,9 +135,7 @@ def test_limit(http: httpx.Client) -> None:
     ],
 )
 def test_bad_input_is_a_clear_400(http: httpx.Client, params: dict, needle: str) -> None:
-    r = http.get("/items", params=params)
-    assert r.status_code == 400, r.text
-    assert needle in r.json()["detail"]
+    assert_clear_error(http.get("/items", params=params), 400, needle)
 
 
 def test_parse_bbox() -> None:

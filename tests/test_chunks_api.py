@@ -16,6 +16,7 @@ from terrazzo.framing import Chunk, FramingError, parse_frames
 
 from core.catalog import Catalog, SearchQuery
 from core.plan import Grid, transformer
+from tests.conftest import assert_clear_error
 
 # Chunks over the demo strip in three output CRSs (the items are in UTM 31, 32 and 33).
 AREAS = {
@@ -254,9 +255,7 @@ def test_dry_run_returns_plans(http: httpx.Client) -> None:
     ],
 )
 def test_bad_requests_are_clear(http: httpx.Client, body: dict, status: int, needle: str) -> None:
-    r = http.post("/chunks", json=body)
-    assert r.status_code == status, r.text
-    assert needle in r.json()["detail"]
+    assert_clear_error(http.post("/chunks", json=body), status, needle)
 
 
 def test_cut_stream_is_detected() -> None:

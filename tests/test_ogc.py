@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from app.ogc import MIN_ITEM_PIXELS, zoom_range
+from tests.conftest import assert_clear_error
 
 WMTS = "{http://www.opengis.net/wmts/1.0}"
 OWS = "{http://www.opengis.net/ows/1.1}"
@@ -104,10 +105,7 @@ def test_tilesize_shifts_the_zooms(http: httpx.Client) -> None:
 def test_bad_input_is_a_clear_4xx(
     http: httpx.Client, url: str, params: dict, status: int, needle: str
 ) -> None:
-    r = http.get(url, params=params)
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"] == "application/json"
-    assert needle in r.json()["detail"]
+    assert_clear_error(http.get(url, params=params), status, needle)
 
 
 def test_tile_matrix_sets(http: httpx.Client) -> None:

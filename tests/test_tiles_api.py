@@ -11,6 +11,8 @@ import pytest
 import rasterio
 from PIL import Image
 
+from tests.conftest import assert_clear_error
+
 TMS = morecantile.tms.get("WebMercatorQuad")
 ZONE_EDGE = TMS.tile(6.0, 45.0, 11)  # items from zones 31 and 32 overlap here
 TWO_DATES = TMS.tile(10.0, 45.12, 11)  # June and September items overlap here
@@ -90,10 +92,7 @@ def test_no_item_is_204(http: httpx.Client) -> None:
 def test_bad_input_is_a_clear_4xx(
     http: httpx.Client, url: str, params: dict, status: int, needle: str
 ) -> None:
-    r = http.get(url, params=params)
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"] == "application/json"
-    assert needle in r.json()["detail"]
+    assert_clear_error(http.get(url, params=params), status, needle)
 
 
 def test_float_asset_with_rescale_and_colormap(http: httpx.Client) -> None:

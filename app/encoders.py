@@ -16,6 +16,8 @@ import numpy as np
 from rio_tiler.colormap import cmap
 from rio_tiler.utils import linear_rescale, render
 
+from app import png
+
 FORMATS = {
     "png": ("PNG", "image/png"),
     "jpeg": ("JPEG", "image/jpeg"),
@@ -84,6 +86,8 @@ def encode(
             "add rescale=min,max or ask for npy or tif"
         )
     driver, _ = FORMATS[fmt]
+    if fmt == "png" and colormap is None and png.supports(data):
+        return png.encode_png(data, np.where(valid, np.iinfo(data.dtype).max, 0))
     mask = np.where(valid, 255, 0).astype("uint8")
     options: dict[str, object] = {}
     if driver == "GTiff" and crs and transform:

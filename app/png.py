@@ -1,0 +1,56 @@
+"""A fast PNG writer for tiles: the "Up" filter in numpy and zlib-ng's deflate.
+
+PNG encoding was the largest single CPU cost of a tile (~15 ms of ~35 ms through GDAL's PNG
+driver at zlib level 6, which tries every row filter). A map tile is smooth from row to row,
+so one filter for every row ("Up": each byte minus the byte above) compresses as well
+(measured on demo tiles: 33.5 KB against GDAL's 35.0 KB), and zlib-ng deflates at the same
+level about 3x faster than zlib. 8-bit pixels decode identically to GDAL's; 16-bit tiles get
+a full-range alpha (65535) where rio-tiler's stacked 8-bit mask gave 255, nearly transparent.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+from zlib_ng import zlib_ng
+
+_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_UP = 2  # PNG filter type
+_COLOR_TYPE = {2: 4, 4: 6}  # samples per pixel -> grey+alpha, RGB+alpha
+LEVEL = 6  # zlib's default, as GDAL's PNG driver
+
+
+def _chunk(tag: bytes, data: bytes) -> bytes:
+    crc = zlib.crc32(tag + data) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", crc)
+
+
+def supports(data: np.ndarray) -> bool:
+    """1 band (grey) or 3 bands (RGB), 8 or 16 bits: what a tile with an alpha mask needs."""
+    return data.ndim == 3 and data.shape[0] in (1, 3) and data.dtype in (np.uint8, np.uint16)
+
+
+def encode_png(data: np.ndarray, alpha: np.ndarray) -> bytes:
+    """(bands, h, w) data plus a (h, w) alpha (0 or the dtype's max) as a PNG with alpha."""
+    bands, height, width = data.shape
+    pixels = np.concatenate([data, alpha[np.newaxis].astype(data.dtype)])
+    # samples interleaved per pixel, big-endian as PNG wants: (h, w * samples * bytes)
+    rows = np.ascontiguousarray(np.moveaxis(pixels, 0, -1).astype(data.dtype.newbyteorder(">")))
+    raw = rows.view(np.uint8).reshape(height, -1)
+    filtered = np.empty((height, raw.shape[1] + 1), dtype=np.uint8)
+    filtered[:, 0] = _UP
+    filtered[0, 1:] = raw[0]
+    np.subtract(raw[1:], raw[:-1], out=filtered[1:, 1:])  # uint8 wraps: mod 256, as PNG
+    header = struct.pack(
+        ">IIBBBBB", width, height, 8 * data.dtype.itemsize, _COLOR_TYPE[bands + 1], 0, 0, 0
+    )
+    return b"".join(
+        (
+            _SIGNATURE,
+            _chunk(b"IHDR", header),
+            _chunk(b"IDAT", zlib_ng.compress(filtered.tobytes(), LEVEL)),
+            _chunk(b"IEND", b""),
+        )
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -23,6 +24,14 @@ def rss_mb(pids: list[int]) -> float:
 
 def peak_rss_mb(pids: list[int]) -> float:
     return sum(_status(pid, "VmHWM") for pid in pids)
+
+
+def reset_peak(pids: list[int]) -> None:
+    """Restart the peak-RSS count (VmHWM) of these processes, so the next peak_rss_mb
+    measures one run only (Linux: writing 5 to /proc/PID/clear_refs)."""
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 def children(pid: int) -> list[int]:

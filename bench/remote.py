@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.procstats import children, cpu_seconds, peak_rss_mb
+from bench.procstats import children, cpu_seconds
 from bench.tiles import (
     HEADER,
     pick_tiles,
@@ -161,11 +161,6 @@ def main() -> None:
             print(
                 f"warm tile (headers cached, pixels not): {after - before} store requests, "
                 f"{took * 1000:.0f} ms = {took * 1000 / delay:.1f} x {delay:g} ms"
-            )
-            pids = [os.getpid(), *engine.compute.pids()]
-            print(
-                f"peak RSS: this process {peak_rss_mb(pids[:1]):.0f} MB (both sides), "
-                f"compute workers {peak_rss_mb(pids[1:]):.0f} MB"
             )
             engine.close()
 

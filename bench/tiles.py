@@ -6,7 +6,9 @@ nearest resampling, 256² PNG output, and run in this process tree:
 - baseline: titiler-pgstac's shape: a thread per request (as a sync FastAPI endpoint runs), the
   same search, then `rio_tiler.mosaic.mosaic_reader` with one rasterio Reader per asset and
   `threads` reader threads, then rio-tiler's render.
-It prints tiles/s and p50/p95 latency at each concurrency, and Terrazzo/baseline as ratios.
+It prints tiles/s, p50/p95 latency, CPU per tile, the CPU bound and the peak RSS while each
+side ran (Terrazzo: this process and its compute workers; the baseline: this process, which
+also holds Terrazzo's caches) at each concurrency, and Terrazzo/baseline as ratios.
 
     .venv/bin/python -m bench.tiles --catalog data/demo/items.parquet
 """
@@ -28,7 +30,7 @@ import numpy as np
 import shapely
 
 from app.encoders import encode
-from bench.procstats import cpu_seconds, peak_rss_mb
+from bench.procstats import cpu_seconds, peak_rss_mb, reset_peak
 from core.catalog import Catalog, SearchQuery
 from core.engine import Engine, ReadParams
 from core.indexing import index_items
@@ -86,8 +88,11 @@ def dense_catalog(catalog: Path, copies: int) -> Path:
     return write_catalog(dense, out)
 
 
-def summarise(latencies: list[float], wall: float, cpu: float = 0.0) -> dict[str, float]:
-    """Throughput, latency, CPU seconds per tile and the CPU bound (cores / CPU per tile)."""
+def summarise(
+    latencies: list[float], wall: float, cpu: float = 0.0, peak_mb: float = 0.0
+) -> dict[str, float]:
+    """Throughput, latency, CPU seconds per tile, the CPU bound (cores / CPU per tile) and
+    the peak RSS of the processes during the run."""
     lat = sorted(latencies)
     per_tile = cpu / len(lat) if lat else 0.0
     bound = (os.cpu_count() or 1) / per_tile if per_tile else float("inf")
@@ -97,12 +102,13 @@ def summarise(latencies: list[float], wall: float, cpu: float = 0.0) -> dict[str
         "p95_ms": 1000 * lat[min(len(lat) - 1, int(0.95 * len(lat)))],
         "cpu_ms": 1000 * per_tile,
         "bound": bound,
+        "peak_mb": peak_mb,
     }
 
 
 HEADER = (
     f"{'clients':>7} {'side':>9} {'tiles/s':>8} {'p50 ms':>8} {'p95 ms':>8} "
-    f"{'CPU ms/tile':>11} {'CPU bound':>9} {'of bound':>8}"
+    f"{'CPU ms/tile':>11} {'CPU bound':>9} {'of bound':>8} {'peak MB':>8}"
 )
 
 
@@ -112,7 +118,7 @@ def print_pair(conc: int, ours: dict, base: dict) -> None:
         print(
             f"{conc:>7} {side:>9} {r['tiles_s']:>8.1f} {r['p50_ms']:>8.1f} "
             f"{r['p95_ms']:>8.1f} {r['cpu_ms']:>11.1f} {r['bound']:>9.1f} "
-            f"{r['tiles_s'] / r['bound']:>8.0%}"
+            f"{r['tiles_s'] / r['bound']:>8.0%} {r['peak_mb']:>8.0f}"
         )
     print(
         f"{conc:>7} {'ratio':>9} {ours['tiles_s'] / base['tiles_s']:>7.2f}x "
@@ -136,10 +142,12 @@ async def run_terrazzo(engine: Engine, tiles: list, concurrency: int, asset: str
             latencies.append(time.perf_counter() - t0)
 
     pids = [os.getpid(), *engine.compute.pids()]
+    reset_peak(pids)
     cpu0, t0 = cpu_seconds(pids), time.perf_counter()
     await asyncio.gather(*(one(t) for t in tiles))
     await engine.fetcher.stores.aclose()  # this loop's HTTP sessions
-    return summarise(latencies, time.perf_counter() - t0, cpu_seconds(pids) - cpu0)
+    wall = time.perf_counter() - t0
+    return summarise(latencies, wall, cpu_seconds(pids) - cpu0, peak_rss_mb(pids))
 
 
 def baseline_tile(catalog: Catalog, t, asset: str, threads: int) -> None:
@@ -181,10 +189,13 @@ def run_baseline(catalog: Catalog, tiles: list, concurrency: int, asset: str, th
         baseline_tile(catalog, t, asset, threads)
         latencies.append(time.perf_counter() - t0)
 
+    reset_peak([os.getpid()])
     cpu0, t0 = cpu_seconds([os.getpid()]), time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, tiles))
-    return summarise(latencies, time.perf_counter() - t0, cpu_seconds([os.getpid()]) - cpu0)
+    wall = time.perf_counter() - t0
+    cpu = cpu_seconds([os.getpid()]) - cpu0
+    return summarise(latencies, wall, cpu, peak_rss_mb([os.getpid()]))
 
 
 def main() -> None:
@@ -230,11 +241,6 @@ def main() -> None:
             ours = asyncio.run(run_terrazzo(engine, tiles, conc, args.asset))
             base = run_baseline(engine.catalog, tiles, conc, args.asset, args.threads)
             print_pair(conc, ours, base)
-        pids = [os.getpid(), *engine.compute.pids()]
-        print(
-            f"peak RSS: this process {peak_rss_mb(pids[:1]):.0f} MB (both sides), "
-            f"compute workers {peak_rss_mb(pids[1:]):.0f} MB"
-        )
     finally:
         engine.close()
 

@@ -51,29 +51,22 @@ def _setting_flags(parser: argparse.ArgumentParser) -> None:
     from core.settings import Settings
 
     for name, field in Settings.model_fields.items():
-        if name == "allow":
+        if name == "allow":  # repeatable, merged with TERRAZZO_ALLOW (see its own flag)
             continue
-        kind = field.annotation
-        kind = {int: int, float: float}.get(kind, str)  # type: ignore[call-overload]
-        if field.annotation is bool:
-            parser.add_argument(
-                f"--{name.replace('_', '-')}",
-                dest=name,
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help=f"{field.description or ''} (default {field.default}; "
-                f"env TERRAZZO_{name.upper()})",
-            )
-            continue
-        parser.add_argument(
-            f"--{name.replace('_', '-')}",
-            dest=name,
-            type=kind,
-            default=None,
-            metavar=name.split("_")[-1].upper(),
-            help=f"{field.description or ''} (default {field.default}; "
+        common = {
+            "dest": name,
+            "default": None,
+            "help": f"{field.description or ''} (default {field.default}; "
             f"env TERRAZZO_{name.upper()})",
-        )
+        }
+        if field.annotation is bool:
+            kind = {"action": argparse.BooleanOptionalAction}
+        else:
+            kind = {
+                "type": {int: int, float: float}.get(field.annotation, str),  # type: ignore[call-overload]
+                "metavar": name.split("_")[-1].upper(),
+            }
+        parser.add_argument(f"--{name.replace('_', '-')}", **common, **kind)
 
 
 BENCHMARKS = ("tiles", "remote", "chunks", "search", "load")

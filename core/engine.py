@@ -8,6 +8,7 @@ compute in the process pool — and the engine only moves plain data between the
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -299,10 +300,12 @@ class Engine:
 
         async def one(item: ItemRead) -> dict[str, Any]:
             assets: dict[str, Any] = {}
-            for read in item.reads:
-                pixels = await self.fetcher.read(read, nodata=params.nodata)
+            fetched = await asyncio.gather(
+                *(self.fetcher.read(r, nodata=params.nodata) for r in item.reads)
+            )  # an item's assets concurrently, as execute() reads them
+            for read, pixels in zip(item.reads, fetched, strict=True):
                 x, y = transformer("EPSG:4326", read.crs).transform(lon, lat)
-                col, row = (int(v // 1) for v in ~read.transform * (x, y))
+                col, row = (math.floor(v) for v in ~read.transform * (x, y))
                 inside = 0 <= row < pixels.data.shape[1] and 0 <= col < pixels.data.shape[2]
                 valid = inside and bool(pixels.valid[row, col])
                 values = pixels.data[:, row, col].tolist() if inside else [None] * read.count

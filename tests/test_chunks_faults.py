@@ -16,8 +16,9 @@ from terrazzo.framing import iter_frames, parse_frames
 from app.main import create_app
 from core.engine import Engine
 from core.faults import FaultyStore
-from core.fetch import Fetcher, Stores
+from core.fetch import Fetcher
 from core.settings import Settings
+from core.stores import Stores
 from tests.conftest import Server, serve_in_thread
 from tests.test_chunks_api import chunk_grid
 

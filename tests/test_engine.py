@@ -16,10 +16,11 @@ from core.catalog import SearchQuery
 from core.cogs import stac_item, write_cog
 from core.engine import Engine, ParamError, ReadFailed, ReadParams
 from core.faults import FaultyStore
-from core.fetch import Fetcher, Stores
+from core.fetch import Fetcher
 from core.indexing import index_items
 from core.plan import tile_grid, transformer
 from core.settings import Settings
+from core.stores import Stores
 
 TMS = morecantile.tms.get("WebMercatorQuad")
 ORIGIN = (500000.0, 5000000.0)  # UTM 32N: 9°E, ~45.1°N

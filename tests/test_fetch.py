@@ -12,8 +12,9 @@ from obstore.store import LocalStore
 
 from core.cogs import write_cog
 from core.faults import FaultyStore
-from core.fetch import Fetcher, Stores, is_transient, split_href, with_retries
+from core.fetch import Fetcher, is_transient, with_retries
 from core.plan import Grid, plan_asset
+from core.stores import Stores, split_href
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,9 @@ from obstore.store import LocalStore
 from app.main import create_app
 from core.engine import Engine
 from core.faults import FaultyStore
-from core.fetch import Fetcher, Stores
+from core.fetch import Fetcher
 from core.settings import Settings
+from core.stores import Stores
 from tests.conftest import serve_in_thread
 
 TMS = morecantile.tms.get("WebMercatorQuad")

@@ -32,6 +32,7 @@ from core.plan import (
     transformer,
 )
 from core.settings import Settings
+from core.stores import object_store_report
 from core.timing import StageClock
 
 
@@ -108,6 +109,7 @@ class Engine:
             allow=settings.allow.split(","),
         )
         self.fetcher.policy = self.policy
+        self.fetcher.stores.policy = self.policy  # connect-time check knows --allow'd origins
         self.refused = self._refused(dirs)
 
     def _refused(self, dirs: list[tuple[str, int, str, str]]) -> list[tuple[int, str, str]]:
@@ -122,6 +124,8 @@ class Engine:
 
     def access_report(self) -> str:
         lines = self.policy.describe()
+        used = {p.split("://", 1)[0] for p in (*self.policy.prefixes, *self.policy.explicit)}
+        lines += object_store_report(used)
         total = sum(n for n, _, _ in self.refused)
         lines.append(f"items refused by the access policy: {total}")
         lines += [f"  {n} like {href}: {why}" for n, href, why in self.refused[:5]]

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, model_validator
 
 from app.encoders import CHUNKS_MEDIA_TYPE, chunk_frame, frame
 from core.catalog import SearchQuery, parse_datetime_range
-from core.chunks import GROUP_BY, ChunkSpec, check_limits, stream_chunks
-from core.engine import ParamError, ReadParams
+from core.chunks import GROUP_BY, ChunkSpec, check_dtype, check_limits, stream_chunks
+from core.engine import ReadParams
 from core.filters import parse as parse_filter
 
 router = APIRouter(tags=["chunks"])
+log = logging.getLogger("terrazzo.chunks")
 
 FRAMING = """
 The response (`application/x-terrazzo-chunks`) is a stream of frames, one per chunk in completion
@@ -88,7 +90,7 @@ def _specs(body: ChunksRequest) -> list[ChunkSpec]:
 )
 async def chunks(request: Request, body: ChunksRequest) -> Any:
     engine = request.app.state.engine
-    _check_dtype(body.dtype)
+    check_dtype(body.dtype)
     specs = _specs(body)
     check_limits(
         specs,
@@ -135,7 +137,37 @@ async def chunks(request: Request, body: ChunksRequest) -> Any:
         return JSONResponse(
             {"chunks": plans, "bytes": sum(p["plan"]["bytes"] for p in plans if p["plan"])}
         )
-    return StreamingResponse(_frames(results), media_type=CHUNKS_MEDIA_TYPE)
+    return StallSafeStream(
+        _frames(results),
+        media_type=CHUNKS_MEDIA_TYPE,
+        stall_timeout_s=engine.settings.stream_stall_timeout_s,
+    )
+
+
+class StallSafeStream(StreamingResponse):
+    """A stream that gives up on a client that stops reading.
+
+    uvicorn applies backpressure (a send waits while the socket buffer is full), so a client
+    that never reads would hold this request, its chunks in flight and their arrays forever.
+    After `stall_timeout_s` without progress the stream ends, its chunk reads are cancelled and
+    the connection is closed; a reading client never waits that long for one frame.
+    """
+
+    def __init__(self, content: AsyncIterator[bytes], *, stall_timeout_s: float, **kw: Any):
+        super().__init__(content, **kw)
+        self.stall_timeout_s = stall_timeout_s
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def timed_send(message: Any) -> None:
+            async with asyncio.timeout(self.stall_timeout_s):
+                await send(message)
+
+        try:
+            await super().__call__(scope, receive, timed_send)
+        except TimeoutError:
+            log.warning("chunks stream: client read nothing for %s s; closed", self.stall_timeout_s)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[union-attr]
 
 
 async def _frames(results: AsyncIterator) -> AsyncIterator[bytes]:
@@ -144,12 +176,3 @@ async def _frames(results: AsyncIterator) -> AsyncIterator[bytes]:
         counts[result.status] += 1
         yield chunk_frame(result)
     yield frame({"id": None, "status": "end", "chunks": sum(counts.values()), **counts})
-
-
-def _check_dtype(dtype: str | None) -> None:
-    if dtype is None:
-        return
-    try:
-        np.dtype(dtype)
-    except TypeError as exc:
-        raise ParamError(f"dtype: {dtype!r} is not a numpy dtype (e.g. uint8, float32)") from exc

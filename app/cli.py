@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 DEFAULT_DEMO_DIR = Path(os.environ.get("TERRAZZO_DEMO_DIR", "data/demo"))
 
@@ -34,16 +35,53 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.workers < 1:
+        print("terrazzo serve: --workers must be at least 1", file=sys.stderr)
+        return 2
     configure(settings.log_format, settings.log_level)
     print("terrazzo settings:", json.dumps(settings.public()), flush=True)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,  # app.logs configured the loggers
-        access_log=False,  # the observer middleware logs each request with its id
-    )
+    from app.protocol import ENV as HEADER_TIMEOUT_ENV
+    from app.protocol import HeaderTimeoutProtocol
+
+    os.environ[HEADER_TIMEOUT_ENV] = str(settings.header_timeout_s)  # workers inherit it
+    common: dict[str, Any] = {
+        "http": HeaderTimeoutProtocol,  # slow request heads are cut off (app.protocol)
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,  # app.logs configured the loggers (worker_app does in workers)
+        "access_log": False,  # the observer middleware logs each request with its id
+    }
+    if args.workers == 1:
+        uvicorn.run(create_app(settings), **common)
+        return 0
+    # Several server processes under uvicorn's supervisor, which replaces one that dies (a
+    # native crash in the server process itself) within about a second. Workers are spawned
+    # processes that import the app by name, so the settings travel as TERRAZZO_* variables.
+    os.environ.update(settings_environ(settings))
+    uvicorn.run("app.cli:worker_app", factory=True, workers=args.workers, **common)
     return 0
+
+
+def settings_environ(settings: Any) -> dict[str, str]:
+    """`settings` as the TERRAZZO_* environment variables that rebuild it in another process
+    (flags given to `terrazzo serve` included)."""
+    out = {}
+    for name, value in settings.model_dump(mode="json").items():
+        if value is not None:
+            out[f"TERRAZZO_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
+    return out
+
+
+def worker_app() -> Any:
+    """The app of one `terrazzo serve --workers N` process (uvicorn's factory): settings from
+    the environment `_serve` exported, logs configured as in the parent."""
+    from app.logs import configure
+    from app.main import create_app
+    from core.settings import Settings
+
+    settings = Settings()
+    configure(settings.log_format, settings.log_level)
+    return create_app(settings)
 
 
 def _setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -143,6 +181,14 @@ def parser() -> argparse.ArgumentParser:
         metavar="PREFIX",
         help="Also allow reads under this directory or URL prefix (repeatable; "
         "env TERRAZZO_ALLOW, comma-separated). Needed for internal hosts.",
+    )
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("TERRAZZO_WORKERS", "1")),
+        metavar="N",
+        help="Server processes under uvicorn's supervisor, which restarts one that dies; "
+        "each has its own engine and compute pool (default 1; env TERRAZZO_WORKERS).",
     )
     s.set_defaults(run=_serve)
 

@@ -7,14 +7,35 @@ answer under load.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import re
 from typing import Any
+
+import numpy as np
 
 from core.settings import Settings
 
-# The viewer's page and scripts carry no data (the page sends the key with its data requests)
-OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/openapi.json", "/redoc", "/map", "/static/")
+# Exact paths (never prefixes: `/docs/tilejson.json` must not pass as `/docs`). The viewer's
+# page and scripts carry no data (the page sends the key with its data requests).
+OPEN_PATHS = frozenset(
+    {"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc", "/map"}
+)
+OPEN_PREFIXES = ("/static/",)  # a mounted StaticFiles app: it serves files, never data routes
+MAX_JSON_DEPTH = 64  # nesting of a JSON body; Python's parser itself gives up near 1,000
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # unrolled: linear, no backtracking
+
+
+def json_depth(body: bytes) -> int:
+    """The deepest nesting of `[`/`{` in a JSON text, without parsing it (no recursion, linear:
+    strings are cut out by one regex, brackets counted by numpy)."""
+    text = np.frombuffer(_JSON_STRING.sub(b"", body), dtype=np.uint8)
+    if not text.size:
+        return 0
+    step = (np.isin(text, (ord("["), ord("{")))).astype(np.int32)
+    step -= np.isin(text, (ord("]"), ord("}")))
+    return int(np.cumsum(step).max(initial=0))
 
 
 async def _reply(send: Any, status: int, detail: str, headers: dict[str, str] | None = None):
@@ -27,7 +48,13 @@ async def _reply(send: Any, status: int, detail: str, headers: dict[str, str] | 
 
 class Guard:
     """Refuses, before any work: a missing/wrong API key (401), a query string or body over
-    the limit (414/413), and requests beyond `max_inflight` at once (503 + Retry-After)."""
+    the limit (414/413), a body that does not arrive in time (408), a POST that is not JSON
+    (415) or nests too deep (400), and requests beyond `max_inflight` at once (503 +
+    Retry-After).
+
+    A body is read whole (it is bounded) *before* the request counts as in flight: clients
+    trickling bytes must not hold the slots that real work needs.
+    """
 
     def __init__(self, app: Any, settings: Settings) -> None:
         self.app = app
@@ -35,27 +62,23 @@ class Guard:
         self.inflight = 0
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(OPEN_PATHS):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             await self.app(scope, receive, send)
             return
         s = self.settings
         if scope["method"] == "OPTIONS":  # CORS preflight: the CORS middleware answers
             await self.app(scope, receive, send)
             return
-        if s.api_key:
-            headers = dict(scope["headers"])
-            given = headers.get(b"x-api-key", b"").decode()
-            bearer = headers.get(b"authorization", b"").decode()
-            if bearer.lower().startswith("bearer "):
-                given = given or bearer[7:]
-            if not hmac.compare_digest(given.encode(), s.api_key.encode()):
-                await _reply(
-                    send,
-                    401,
-                    "missing or wrong API key: send it as X-API-Key",
-                    {"WWW-Authenticate": "Bearer"},
-                )
-                return
+        headers = dict(scope["headers"])
+        if s.api_key and not _key_matches(headers, s.api_key):
+            await _reply(
+                send,
+                401,
+                "missing or wrong API key: send it as X-API-Key",
+                {"WWW-Authenticate": "Bearer"},
+            )
+            return
         if len(scope.get("query_string", b"")) > s.max_query_bytes:
             await _reply(
                 send,
@@ -64,15 +87,11 @@ class Guard:
                 "(TERRAZZO_MAX_QUERY_BYTES); send fewer parameters or use POST /chunks",
             )
             return
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and int(length) > s.max_body_bytes:
-            await _reply(
-                send,
-                413,
-                f"request body over {s.max_body_bytes} bytes "
-                "(TERRAZZO_MAX_BODY_BYTES); split the request",
-            )
-            return
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            refusal, receive = await self._read_body(headers, receive)
+            if refusal is not None:
+                await _reply(send, *refusal)
+                return
         if self.inflight >= s.max_inflight:
             await _reply(
                 send,
@@ -84,27 +103,79 @@ class Guard:
             return
         self.inflight += 1
         try:
-            await self.app(scope, self._limited(receive, s.max_body_bytes), send)
+            await self.app(scope, receive, send)
         finally:
             self.inflight -= 1
 
-    @staticmethod
-    def _limited(receive: Any, limit: int) -> Any:
-        """Stop a chunked body (no content-length) at the limit too."""
-        seen = 0
+    async def _read_body(self, headers: dict[bytes, bytes], receive: Any) -> tuple[Any, Any]:
+        """Read the whole body within `body_timeout_s` and the size limit; check it is JSON of
+        bounded depth. Returns (refusal or None, a receive that replays the body)."""
+        s = self.settings
+        media = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if media != b"application/json":
+            shown = media.decode("latin-1") or "none"
+            return (
+                415,
+                f"send the body as JSON with Content-Type: application/json (got {shown})",
+            ), receive
+        too_large = (
+            413,
+            f"request body over {s.max_body_bytes} bytes (TERRAZZO_MAX_BODY_BYTES); "
+            "split the request",
+        )
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit():
+            return (400, "Content-Length is not a number"), receive
+        if int(length) > s.max_body_bytes:
+            return too_large, receive
+        parts: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(s.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return (400, "the client went away before sending the body"), receive
+                    parts.append(message.get("body", b""))
+                    size += len(parts[-1])
+                    if size > s.max_body_bytes:
+                        return too_large, receive
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            return (
+                408,
+                f"the request body did not arrive within {s.body_timeout_s} s "
+                "(TERRAZZO_BODY_TIMEOUT_S)",
+            ), receive
+        body = b"".join(parts)
+        if json_depth(body) > MAX_JSON_DEPTH:
+            return (
+                400,
+                f"JSON body nested deeper than {MAX_JSON_DEPTH} levels; flatten it",
+            ), receive
+        return None, _replay(body, receive)
 
-        async def wrapped() -> dict:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise BodyTooLarge(limit)
-            return message
 
-        return wrapped
+def _key_matches(headers: dict[bytes, bytes], key: str) -> bool:
+    """Compare bytes, not text: a header with non-UTF-8 bytes is just a wrong key."""
+    given = headers.get(b"x-api-key", b"")
+    bearer = headers.get(b"authorization", b"")
+    if not given and bearer[:7].lower() == b"bearer ":
+        given = bearer[7:]
+    return hmac.compare_digest(given, key.encode())
 
 
-class BodyTooLarge(ValueError):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"request body over {limit} bytes (TERRAZZO_MAX_BODY_BYTES)")
+def _replay(body: bytes, receive: Any) -> Any:
+    """A receive that hands the app the body already read, then whatever comes next (e.g. the
+    client's disconnect, which streamed responses watch for)."""
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

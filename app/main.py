@@ -16,11 +16,12 @@ from fastapi.responses import JSONResponse, Response
 
 from app import catalog_routes, chunks, ogc, tiles, viewer
 from app.encoders import EncodeError
-from app.guard import BodyTooLarge, Guard
+from app.guard import Guard
 from app.metrics import CONTENT_TYPE, Metrics
 from app.observe import Observer
 from core.catalog import SearchError, SearchQuery
 from core.chunks import LimitError
+from core.compute import WorkerDied
 from core.engine import Engine, ParamError, ReadFailed
 from core.filters import FilterError
 from core.plan import TileError
@@ -125,10 +126,6 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     async def bad_parameter(request: Request, exc: Exception) -> JSONResponse:
         return error(400, exc)
 
-    @app.exception_handler(BodyTooLarge)
-    async def body_too_large(request: Request, exc: Exception) -> JSONResponse:
-        return error(413, exc)
-
     @app.exception_handler(TimeoutError)
     async def too_slow(request: Request, exc: Exception) -> JSONResponse:
         limit = request.app.state.engine.settings.tile_timeout_s
@@ -146,6 +143,12 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     async def read_failed(request: Request, exc: ReadFailed) -> JSONResponse:
         items = [{"id": i, "error": e} for i, e in exc.errors]
         return error(502, exc, items=items)
+
+    @app.exception_handler(WorkerDied)
+    async def worker_died(request: Request, exc: WorkerDied) -> JSONResponse:
+        """A compute worker crashed on this job twice (or it ran past its deadline): the
+        service is fine and the pool is already rebuilt, the upstream work failed."""
+        return error(502, exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -196,6 +199,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
                 "bytes": engine.fetcher.tiles.bytes,
             },
             "inflight": guard.inflight if (guard := _guard(request.app)) else None,
+            "compute": engine.compute.stats(),
         }
 
     @app.get("/metrics", include_in_schema=False)

@@ -103,7 +103,16 @@ async def _etag(request: Request, engine: Engine) -> str:
 
 
 def _cacheable(engine: Engine, etag: str) -> dict[str, str]:
-    return {"ETag": etag, "Cache-Control": f"public, max-age={engine.settings.cache_max_age_s}"}
+    """Shared caches may keep an open server's tiles; behind an API key only the caller's own
+    cache may (`private`), and `Vary` names the key headers for any cache that ignores that."""
+    age = engine.settings.cache_max_age_s
+    if engine.settings.api_key:
+        return {
+            "ETag": etag,
+            "Cache-Control": f"private, max-age={age}",
+            "Vary": "X-API-Key, Authorization",
+        }
+    return {"ETag": etag, "Cache-Control": f"public, max-age={age}"}
 
 
 async def _assets(

@@ -62,6 +62,23 @@ class SearchQuery:
     limit: int = 100
     filter: dict[str, Any] | None = None  # CQL2-JSON, already parsed (core.filters.parse)
 
+    def __post_init__(self) -> None:
+        """Bounded before any SQL is built: every id and collection becomes a bound value."""
+        for name, values, limit in (
+            ("ids", self.ids, MAX_IDS),
+            ("collections", self.collections, MAX_COLLECTIONS),
+            ("sortby", self.sortby, MAX_SORT_FIELDS),
+        ):
+            if len(values) > limit:
+                raise SearchError(f"{name}: at most {limit} per request, got {len(values)}")
+        if self.bbox is not None and not all(math.isfinite(v) for v in self.bbox):
+            raise SearchError(f"bbox: every coordinate must be a finite number, got {self.bbox}")
+
+
+MAX_IDS = 1_000  # item ids in one search
+MAX_COLLECTIONS = 100  # collection ids in one search
+MAX_SORT_FIELDS = 8  # sortby fields
+
 
 class SearchError(ValueError):
     """A search parameter the catalog cannot honour (e.g. sorting by a missing column)."""
@@ -233,7 +250,7 @@ class Catalog:
         self.reload_if_replaced()
         sql, params = self._build_sql(query)
         # Footprints are tested exactly after SQL, so fetch a few spare rows to still fill limit.
-        rows = self._cursor().execute(sql, params).fetchall()
+        rows = self._fetch(sql, params, query)
         items: list[Item] = []
         for row in rows:
             if query.intersects is not None and row[5] is not None:
@@ -244,6 +261,22 @@ class Catalog:
             if len(items) >= query.limit:
                 break
         return items
+
+    def _fetch(self, sql: str, params: list[Any], query: SearchQuery) -> list[tuple[Any, ...]]:
+        """Run a search on this thread's cursor. A filter's values reach DuckDB as bound
+        parameters, so a value DuckDB cannot cast (`eo:cloud_cover < 'x'`) fails here: that is
+        the user's filter, a 400 that quotes DuckDB's reason, not a server error."""
+        try:
+            return self._cursor().execute(sql, params).fetchall()
+        except (
+            duckdb.ConversionException,
+            duckdb.BinderException,
+            duckdb.InvalidInputException,
+        ) as exc:
+            if query.filter is None:
+                raise
+            reason = str(exc).splitlines()[0]
+            raise filters.FilterError(f"filter: the catalog cannot evaluate it ({reason})") from exc
 
     def _build_sql(self, query: SearchQuery) -> tuple[str, list[Any]]:
         where, params = self._where(query)
@@ -486,15 +519,15 @@ class Catalog:
         order) and how many match in all."""
         self.reload_if_replaced()
         clause, params = self._where(query)
-        cursor = self._cursor()
-        row = cursor.execute(f"SELECT count(*) FROM items{clause}", params).fetchone()
+        row = self._fetch(f"SELECT count(*) FROM items{clause}", params, query)[0]
         matched = int(row[0]) if row else 0
-        rows = cursor.execute(
+        rows = self._fetch(
             f"SELECT id, {_collection_expr(self.columns)}, {_datetime_expr(self.columns)}, bbox,"
             f" geometry::BLOB, assets FROM items{clause}"
             f" ORDER BY {self._order_by(query.sortby)} LIMIT {int(query.limit)}",
             params,
-        ).fetchall()
+            query,
+        )
         features = []
         for item_id, collection, when, bbox, wkb, assets in rows:
             geometry = json.loads(shapely.to_geojson(shapely.from_wkb(wkb))) if wkb else None

@@ -174,6 +174,18 @@ async def _fill(
         result.status = "empty"
         return
     groups = split_plan(plan, group_by)
+    layout = output_layout(plan, params, dtype)
+    assert layout is not None  # the plan has items
+    size = len(groups) * layout["bands"] * plan.grid.width * plan.grid.height
+    size *= np.dtype(layout["dtype"]).itemsize
+    limit = engine.settings.max_chunk_mb * 2**20
+    if size > limit:
+        raise LimitError(
+            f"chunks[{result.id}]: the output would be {size / 2**20:.0f} MiB "
+            f"({len(groups)} times x {layout['bands']} bands x {plan.grid.width}x"
+            f"{plan.grid.height}); the limit is {engine.settings.max_chunk_mb} MiB per chunk "
+            "(TERRAZZO_MAX_CHUNK_MB): use smaller chunks, fewer bands or a coarser group_by"
+        )
     mosaics = await asyncio.gather(*(engine.execute(p, params) for _, p in groups))
     if all(m is None for m in mosaics):
         result.status = "empty"
@@ -221,6 +233,31 @@ def check_limits(specs: list[ChunkSpec], *, max_chunks: int, max_pixels: int) ->
 
 class LimitError(ParamError):
     """A request larger than a configured limit."""
+
+
+# Output dtypes a chunk may be cast to: numbers only. Anything else numpy accepts would be a
+# way in: `V100000` (a 100 kB void per pixel), `O` (raw heap pointers), structured `i4,i4`.
+OUTPUT_DTYPES = frozenset(
+    f"{kind}{bits}"
+    for kind, sizes in (
+        ("uint", (8, 16, 32, 64)),
+        ("int", (8, 16, 32, 64)),
+        ("float", (16, 32, 64)),
+    )
+    for bits in sizes
+)
+
+
+def check_dtype(dtype: str | None) -> None:
+    """Refuse an output dtype outside OUTPUT_DTYPES, naming the choices."""
+    if dtype is None:
+        return
+    try:
+        name = np.dtype(dtype).name if "," not in dtype else ""
+    except TypeError:
+        name = ""
+    if name not in OUTPUT_DTYPES:
+        raise ParamError(f"dtype: {dtype!r} is not one of {sorted(OUTPUT_DTYPES)}")
 
 
 async def stream_chunks(

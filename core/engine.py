@@ -35,6 +35,9 @@ from core.settings import Settings
 from core.stores import object_store_report
 from core.timing import StageClock
 
+MAX_ASSETS = 32  # assets one request may read (each is a COG per item)
+MAX_BANDS = 256  # output bands one request may ask for (bidx)
+
 
 class ParamError(ValueError):
     """A read parameter that cannot be honoured; the message says what to change."""
@@ -68,6 +71,12 @@ class ReadParams:
             )
         if any(b < 1 for b in self.bidx):
             raise ParamError(f"bidx: band indexes start at 1, got {list(self.bidx)}")
+        for name, values, limit in (
+            ("assets", self.assets, MAX_ASSETS),
+            ("bidx", self.bidx, MAX_BANDS),
+        ):
+            if len(values) > limit:
+                raise ParamError(f"{name}: at most {limit} per request, got {len(values)}")
 
 
 @dataclass

@@ -47,10 +47,19 @@ class Settings(BaseSettings):
     max_tilesize: int = Field(1024, ge=64, description="Largest tilesize a tile request may ask.")
     max_chunks: int = Field(10_000, ge=1, description="Chunks in one POST /chunks request.")
     max_chunk_pixels: int = Field(4096 * 4096, ge=1, description="Pixels (w*h) in one chunk.")
+    max_chunk_mb: int = Field(
+        256, ge=1, description="Output of one chunk (times x bands x pixels x dtype), MiB."
+    )
 
     max_body_bytes: int = Field(8 * 2**20, ge=1024, description="POST body size at most.")
     max_query_bytes: int = Field(8192, ge=256, description="Query string size at most.")
     max_inflight: int = Field(64, ge=1, description="Data requests at once; more get 503.")
+    header_timeout_s: float = Field(
+        10, gt=0, description="A request's line and headers must arrive within this (else closed)."
+    )
+    body_timeout_s: float = Field(
+        30, gt=0, description="A request body must arrive within this (else 408)."
+    )
     tile_timeout_s: float = Field(30, gt=0, description="Time budget of one tile (else 504).")
 
     # HTTP caching and logs
@@ -67,6 +76,9 @@ class Settings(BaseSettings):
     # Chunks
     chunk_concurrency: int = Field(4, ge=1, description="Chunks of one request read at once.")
     chunk_timeout_s: float = Field(120, gt=0, description="Time budget of one chunk.")
+    stream_stall_timeout_s: float = Field(
+        60, gt=0, description="A /chunks client that reads nothing this long is disconnected."
+    )
 
     def public(self) -> dict:
         """The settings as JSON-ready data with secrets masked, for the start-up line."""

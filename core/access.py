@@ -114,10 +114,9 @@ def _canonical_host(href: str, scheme: str, netloc: str) -> str:
         return f"[{ip.compressed}]"
     if not host.isascii():
         raise _refuse(href, "non-ASCII host; write it in its ASCII (xn--) form")
-    host = host.lower()
     if not host:
         raise _refuse(href, "empty host")
-    if scheme in OBJECT_SCHEMES:
+    if scheme in OBJECT_SCHEMES:  # case kept: the bucket named is the bucket read
         pattern = _BUCKET.get(scheme, _CONTAINER)
         if not pattern.fullmatch(host) or ".." in host:
             raise _refuse(
@@ -126,6 +125,7 @@ def _canonical_host(href: str, scheme: str, netloc: str) -> str:
                 "account and region come from the operator's configuration only)",
             )
         return host
+    host = host.lower()
     if host.endswith(".") or not _HOST_LABELS.fullmatch(host):
         raise _refuse(href, f"malformed host {host!r}")
     if _NUMERIC_LABEL.fullmatch(host.rsplit(".", 1)[-1]):
@@ -245,7 +245,7 @@ def address_kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | Non
         if ip in ipaddress.IPv6Network("::/96") and int(ip) > 1:
             return "IPv4-compatible IPv6"
     if isinstance(ip, ipaddress.IPv4Address) and ip in ipaddress.IPv4Network("100.64.0.0/10"):
-        return "shared (carrier-grade NAT) address"
+        return "shared (carrier-grade NAT, 100.64.0.0/10)"
     for kind in ("loopback", "link_local", "private", "reserved", "multicast", "unspecified"):
         if getattr(ip, f"is_{kind}"):
             return kind.replace("_", "-")

@@ -80,10 +80,11 @@ class SignedS3Store(HTTPRangeStore):
     (MinIO on a private network); AWS's own endpoints get the connect-time check.
     """
 
-    def __init__(self, bucket: str, *, env: Mapping[str, str] = os.environ, **kw: Any) -> None:
-        super().__init__(f"s3://{bucket}", allow_internal=s3_endpoint(env) is not None, **kw)
+    def __init__(self, bucket: str, **kw: Any) -> None:
+        # obstore's S3Store reads the same os.environ: the decisions here match its own
+        super().__init__(f"s3://{bucket}", allow_internal=s3_endpoint() is not None, **kw)
         self.bucket = bucket
-        self.anonymous = _truthy(env.get("AWS_SKIP_SIGNATURE"))
+        self.anonymous = _truthy(os.environ.get("AWS_SKIP_SIGNATURE"))
         if self.anonymous:
             # object_store signs even when told to skip signatures (and then looks for
             # credentials); sign with throwaway keys for the URL, then drop the signature

@@ -18,6 +18,7 @@ import httpx
 import morecantile
 import numpy as np
 import pytest
+import rasterio
 from obstore.store import LocalStore
 from pyproj import Transformer
 
@@ -124,6 +125,50 @@ async def test_64_bit_and_signed_integers_decode_exactly(tmp_path: Path, dtype: 
     pixels = await fetcher.read(read)
     assert pixels.data.dtype == np.dtype(dtype)
     assert np.array_equal(pixels.data, data[:, : read.window[3], : read.window[2]])
+
+
+_LEGIT = {
+    "bigtiff": {"driver": "COG", "BIGTIFF": "YES", "compress": "DEFLATE"},
+    "planar": {
+        "driver": "GTiff",
+        "tiled": True,
+        "blockxsize": 256,
+        "blockysize": 256,
+        "interleave": "band",
+        "compress": "DEFLATE",
+    },
+    "lzw": {"driver": "COG", "compress": "LZW"},
+    "zstd": {"driver": "COG", "compress": "ZSTD"},
+    "webp": {"driver": "COG", "compress": "WEBP", "QUALITY": 100},
+    "uncompressed": {"driver": "COG", "compress": "NONE"},
+}
+
+
+@pytest.mark.parametrize("kind", [*_LEGIT, "internal_mask"])
+async def test_guard_admits_real_gdal_files(tmp_path: Path, kind: str) -> None:
+    """The limits refuse only hostile claims: GDAL's BigTIFF, band-interleaved, LZW, ZSTD,
+    WebP, uncompressed and 1-bit internal-mask files pass, in one request, and read exactly."""
+    data = (np.arange(3 * 600 * 700) % 251 + 1).astype("uint8").reshape(3, 600, 700)
+    path = tmp_path / f"{kind}.tif"
+    mask = None
+    if kind == "internal_mask":
+        mask = np.ones((600, 700), dtype=bool)
+        mask[:100, :100] = False
+        write_cog(path, data, crs=CRS, transform=TRANSFORM, mask=mask)
+    else:
+        profile = {"count": 3, "width": 700, "height": 600, "dtype": "uint8", "crs": CRS}
+        with rasterio.open(path, "w", transform=TRANSFORM, **profile, **_LEGIT[kind]) as dst:
+            dst.write(data)
+    checked = await check_header(LocalStore(), str(path), str(path))
+    assert checked.requests == 1
+    fetcher = Fetcher()
+    read = plan_asset(
+        "a", await fetcher.header(str(path)), Grid(CRS, TRANSFORM, 700, 600), "nearest"
+    )
+    assert read is not None and read.window == (0, 0, 700, 600)
+    pixels = await fetcher.read(read)
+    assert np.array_equal(pixels.data, data)
+    assert np.array_equal(pixels.valid, mask if mask is not None else np.ones((600, 700), bool))
 
 
 # -- end to end -------------------------------------------------------------------------------

@@ -5,30 +5,49 @@ compete with the event loop (and the fetch stage it drives) for the GIL and the 
 numpy arrays, affine tuples and CRS strings cross the boundary, because that is what pickles
 cheaply (async-geotiff objects do not pickle at all).
 
-The job functions here are plain module-level functions so workers can import them; the pool
-is started with `forkserver` (never `fork`: the parent holds DuckDB and tokio threads).
+The job functions here are plain module-level functions so workers can import them; workers
+are started with `forkserver` (never `fork`: the parent holds DuckDB and tokio threads).
+
+Why not `concurrent.futures.ProcessPoolExecutor`: its workers share one result pipe, written
+under one lock, and its manager thread checks that pipe before the workers' sentinels. A worker
+SIGKILLed (or segfaulting) while writing a large result leaves half a message in the pipe and
+the lock held: the manager thread blocks for ever in `Connection._recv` (the parent itself
+holds the pipe's write end, so no EOF ever comes), every other worker blocks on the lock, and
+every later job waits. Nothing can unblock the thread, and interpreter exit joins it. Here
+each worker has its own pipe, written only by that worker, and its own feeding thread: a death
+is an EOF on that pipe (or its sentinel firing), which fails or retries only that worker's job.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
+import contextlib
 import importlib
+import logging
 import multiprocessing
+import multiprocessing.connection
 import os
+import pickle
+import signal
+import threading
+import time
+import traceback
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
 from affine import Affine
 
+from core import faults
 from core.mosaic import METHODS
 from core.plan import AssetRead
 from core.warp import warp
 
 T = TypeVar("T")
+log = logging.getLogger("terrazzo.compute")
 
 
 @dataclass(frozen=True)
@@ -93,12 +112,6 @@ def mosaic(
     return combiner.result()
 
 
-def _worker_init() -> None:
-    """Workers run at a lower CPU priority: when cores are short, the event loop (and the
-    fetches it drives) go first, so latency stays low and the loop never starves."""
-    os.nice(10)
-
-
 def _warm(modules: tuple[str, ...] = ()) -> int:
     """Import the heavy modules in a worker before the first request needs them (a fresh
     install's first tile otherwise spent 0.6 s importing the encoders)."""
@@ -109,50 +122,407 @@ def _warm(modules: tuple[str, ...] = ()) -> int:
     return os.getpid()
 
 
-class ComputePool:
-    """A ProcessPoolExecutor that the event loop awaits, rebuilt if a worker dies."""
+class WorkerDied(RuntimeError):
+    """A compute job whose worker died twice (a retry already ran) or ran past its deadline.
 
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self._context = multiprocessing.get_context("forkserver")
-        self._context.set_forkserver_preload(["core.compute", "rasterio.warp", "numpy"])
-        self._pool = self._new_pool()
-        self.pending = 0  # jobs submitted and not finished: queue depth plus running jobs
+    The service answers it with a 502 (a read of a warp job: that item's error); it is never an
+    unexpected error, because crashes of native code in a worker are expected to happen."""
 
-    def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(
-            max_workers=self.workers, mp_context=self._context, initializer=_worker_init
+
+class _RemoteTraceback(Exception):
+    """The worker-side traceback of a job's exception, attached as its __cause__."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _job_name(fn: Callable[..., Any]) -> str:
+    return getattr(getattr(fn, "func", fn), "__name__", repr(fn))
+
+
+def _worker_main(conn: multiprocessing.connection.Connection, modules: tuple[str, ...]) -> None:
+    """A compute worker: read a job from its own pipe, run it, write the reply; until EOF.
+
+    Workers run at a lower CPU priority: when cores are short, the event loop (and the fetches
+    it drives) go first, so latency stays low and the loop never starves. SIGINT is ignored:
+    a Ctrl-C reaches the whole process group, and the server decides when workers stop (their
+    pipe closes, or the server kills them)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.nice(10)
+    injected = faults.ComputeFault.from_env()
+    conn.send_bytes(pickle.dumps(_warm(modules)))  # ready: imports done
+    while True:
+        try:
+            message = conn.recv_bytes()
+        except (EOFError, OSError):
+            return  # the server closed the pipe or is gone: go with it
+        name = "?"
+        try:
+            fn, args = pickle.loads(message)
+            name = _job_name(fn)
+            faults.before_job(injected, name)
+            reply: tuple = (True, fn(*args))
+        except BaseException as exc:  # the job's own error goes back to the caller
+            reply = (False, exc, traceback.format_exc())
+        try:
+            payload = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            error = RuntimeError(f"compute job {name}: its result does not pickle: {exc!r}")
+            payload = pickle.dumps((False, error, traceback.format_exc()))
+        faults.before_reply(injected, name, conn.fileno(), payload)
+        try:
+            conn.send_bytes(payload)
+        except OSError:
+            return
+
+
+@dataclass(eq=False)
+class _Job:
+    fn: Callable[..., Any]
+    args: tuple
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    abandoned_at: float | None = None  # when the awaiting request gave up (monotonic)
+
+    @property
+    def name(self) -> str:
+        return _job_name(self.fn)
+
+
+class _Died(Exception):
+    """Internal: the worker died (or was killed) while it held a job; `retry` says whether the
+    job may run again (not after a deadline or for a request that is gone)."""
+
+    def __init__(self, reason: str, *, retry: bool = True, ran: bool = True) -> None:
+        super().__init__(reason)
+        self.retry = retry
+        self.ran = ran  # False: dead before the job reached it (the job is not to blame)
+
+
+class _Worker:
+    """One compute process, its own pipe, and the thread that feeds it jobs one at a time.
+
+    The thread blocks on the pipe, never the event loop; the pipe's far end is held only by the
+    process, so its death reads as EOF (or its sentinel fires) and affects only this job."""
+
+    def __init__(self, pool: ComputePool, index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.process: multiprocessing.process.BaseProcess | None = None
+        self.conn: multiprocessing.connection.Connection | None = None
+        self.pid: int | None = None  # set once the process said it is ready
+        self.started = 0  # processes started for this slot
+        self.thread = threading.Thread(
+            target=self._loop, name=f"terrazzo-compute-{index}", daemon=True
         )
 
-    def warm(self, modules: tuple[str, ...] = ()) -> list[int]:
-        """Start every worker now (blocking), so the first tile does not pay for it."""
-        return list(self._pool.map(_warm, [modules] * (self.workers * 2)))
+    # -- process life --------------------------------------------------------------------
+
+    def _start(self) -> None:
+        """Start a process and wait for its ready message (imports done). Blocking."""
+        ctx = self.pool._context
+        parent, child = ctx.Pipe(duplex=True)
+        process = ctx.Process(
+            target=_worker_main,
+            args=(child, self.pool._modules),
+            name=f"terrazzo-compute-{self.index}",
+            daemon=True,
+        )
+        process.start()
+        child.close()  # the process holds the only other end: its death is our EOF
+        self.process, self.conn = process, parent
+        if not multiprocessing.connection.wait([parent, process.sentinel], self.pool.start_timeout):
+            raise _Died(f"did not start within {self.pool.start_timeout} s")
+        try:
+            self.pid = pickle.loads(parent.recv_bytes())
+        except (EOFError, OSError) as exc:
+            raise _Died(f"died while starting ({self._exit_reason()})") from exc
+
+    def _stop(self) -> None:
+        """Kill the process (if alive) and reap it; the pipe goes with it."""
+        self.pid = None
+        if self.process is not None:
+            if self.process.exitcode is None:
+                self.process.kill()
+            self.process.join(5)
+        if self.conn is not None:
+            self.conn.close()
+        self.process = self.conn = None
+
+    def _exit_reason(self) -> str:
+        if self.process is None:
+            return "not started"
+        self.process.join(1)
+        code = self.process.exitcode
+        if code is None:
+            return "still running"
+        if code < 0:
+            try:
+                return signal.Signals(-code).name
+            except ValueError:
+                return f"signal {-code}"
+        return f"exit code {code}"
+
+    def _replace(self) -> None:
+        """Stop this worker's process and start a new one, backing off while starts fail (the
+        pool is then not ready: /readyz says so)."""
+        self._stop()
+        delay = 0.1
+        while not self.pool._closing:
+            try:
+                self._start()
+                self.started += 1
+                if self.started > 1:
+                    self.pool.restarts += 1
+                return
+            except Exception as exc:  # _Died, OSError from the forkserver, ...
+                log.error("compute worker %d did not start: %s; retrying", self.index, exc)
+                self._stop()
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        self._replace()
+        while True:
+            job = self.pool._take(self)
+            if job is None:
+                break
+            try:
+                self._run(job)
+            except Exception as exc:  # a bug here must fail the job, never this thread
+                log.exception("compute worker %d: running %s failed", self.index, job.name)
+                if not job.future.done():
+                    job.future.set_exception(exc)
+        self._stop()
+
+    def idle_check(self) -> None:
+        """Called while idle: a worker killed between jobs is replaced before the next job."""
+        if self.process is None or self.process.exitcode is not None:
+            log.warning("compute worker %d died while idle (%s)", self.index, self._exit_reason())
+            self.pool.deaths += 1
+            self._replace()
+
+    def _run(self, job: _Job) -> None:
+        if not job.future.set_running_or_notify_cancel():
+            return  # cancelled while queued
+        try:
+            payload = pickle.dumps((job.fn, job.args), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            job.future.set_exception(exc)
+            return
+        crashes = 0  # deaths while this job ran
+        for attempt in (1, 2, 3):
+            if self.process is None:
+                job.future.set_exception(WorkerDied("compute pool closed"))
+                return
+            try:
+                reply = self._exchange(job, payload)
+            except _Died as died:
+                self.pool.deaths += 1
+                reason = str(died)
+                log.warning(
+                    "compute worker %d (pid %s), job %s (attempt %d): %s",
+                    self.index,
+                    self.process.pid if self.process else "?",
+                    job.name,
+                    attempt,
+                    reason,
+                )
+                self._replace()
+                if not died.retry or job.abandoned_at is not None:
+                    job.future.set_exception(WorkerDied(f"compute job {job.name}: {reason}"))
+                    return
+                crashes += died.ran
+                if crashes == 2 or attempt == 3:
+                    job.future.set_exception(
+                        WorkerDied(
+                            f"compute worker {reason} running {job.name}, "
+                            "twice (retried once on a fresh worker)"
+                        )
+                    )
+                    return
+                continue
+            if reply[0]:
+                job.future.set_result(reply[1])
+            else:
+                _, exc, text = reply
+                exc.__cause__ = _RemoteTraceback(text)
+                job.future.set_exception(exc)
+            return
+
+    def _exchange(self, job: _Job, payload: bytes) -> tuple:
+        """Send one job and wait for its reply, the worker's death, or a deadline (then kill
+        it). Waits in short slices to notice a job its request abandoned, which is killed once
+        past the grace period instead of holding the worker until its deadline."""
+        assert self.conn is not None and self.process is not None
+        conn, process, pool = self.conn, self.process, self.pool
+        try:
+            conn.send_bytes(payload)
+        except OSError as exc:
+            raise _Died(f"died ({self._exit_reason()}) before taking the job", ran=False) from exc
+        deadline = time.monotonic() + pool.job_timeout
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                raise _Died(
+                    f"ran past its {pool.job_timeout} s deadline, its worker was killed",
+                    retry=False,
+                )
+            if job.abandoned_at is not None and now - job.abandoned_at >= pool.abandon_grace:
+                raise _Died(
+                    "abandoned by its request and still running, its worker was killed", retry=False
+                )
+            ready = multiprocessing.connection.wait(
+                [conn, process.sentinel], min(0.25, deadline - now)
+            )
+            if conn in ready:
+                try:
+                    message = conn.recv_bytes()
+                except (EOFError, OSError) as exc:  # died mid-write: EOF inside the message
+                    raise _Died(f"died ({self._exit_reason()})") from exc
+                return pickle.loads(message)
+            if ready:  # the sentinel alone: dead, nothing written
+                raise _Died(f"died ({self._exit_reason()})")
+
+
+class ComputePool:
+    """Compute worker processes that the event loop awaits; a dead worker is replaced.
+
+    A job whose worker dies (segfault, OOM kill, SIGKILL) runs once more on the replacement —
+    jobs are pure functions, so that is safe — and a job that kills its worker twice fails with
+    `WorkerDied`. A job runs at most `job_timeout` seconds, and at most `abandon_grace` seconds
+    after the request awaiting it was cancelled; then its worker is killed and replaced."""
+
+    def __init__(
+        self,
+        workers: int,
+        *,
+        job_timeout: float = 120.0,
+        abandon_grace: float = 2.0,
+        start_timeout: float = 60.0,
+    ) -> None:
+        self.workers = workers
+        self.job_timeout = job_timeout
+        self.abandon_grace = abandon_grace
+        self.start_timeout = start_timeout
+        self._context = multiprocessing.get_context("forkserver")
+        self._context.set_forkserver_preload(["core.compute", "rasterio.warp", "numpy"])
+        self._modules: tuple[str, ...] = ()  # imported by every worker before it is ready
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._workers: list[_Worker] = []
+        self.pending = 0  # jobs submitted and not finished: queue depth plus running jobs
+        self.restarts = 0  # worker processes started to replace another
+        self.deaths = 0  # workers that died or were killed holding a job or while idle
+
+    def _ensure_started(self) -> None:
+        """Start the worker threads (each starts its process) on first use: building the pool
+        costs nothing, and an engine that never computes never forks."""
+        with self._cond:
+            if self._workers or self._closing:
+                return
+            self._workers = [_Worker(self, i) for i in range(self.workers)]
+        for worker in self._workers:
+            worker.thread.start()
+
+    def _take(self, worker: _Worker) -> _Job | None:
+        """The next job for `worker` (None when closing); checks the worker while idle."""
+        while True:
+            with self._cond:
+                if self._closing:
+                    return None
+                if self._jobs:
+                    return self._jobs.popleft()
+                self._cond.wait(0.5)
+                if self._jobs or self._closing:
+                    continue
+            worker.idle_check()
+
+    def _queue(self, fn: Callable[..., Any], args: tuple) -> _Job:
+        self._ensure_started()
+        job = _Job(fn, args)
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("compute pool closed")
+            self._jobs.append(job)
+            self._cond.notify()
+        return job
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future:
+        """Queue a job from any thread; its future resolves in a worker thread."""
+        return self._queue(fn, args).future
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a job in a worker. If the pool broke (a worker died), rebuild it and run the
-        job once more: jobs are pure functions, so a second run is safe."""
-        loop = asyncio.get_running_loop()
+        """Run a job in a worker and await it. Cancelling drops a queued job at once; a running
+        one is killed with its worker if it has not finished `abandon_grace` s later."""
+        job = self._queue(fn, args)
         self.pending += 1
         try:
-            for attempt in (1, 2):
-                pool = self._pool
-                try:
-                    return await loop.run_in_executor(pool, fn, *args)
-                except BrokenProcessPool:
-                    if self._pool is pool:  # the first to notice rebuilds it
-                        self._pool = self._new_pool()
-                    if attempt == 2:
-                        raise
-            raise AssertionError("unreachable")
+            return await asyncio.wrap_future(job.future)
+        except asyncio.CancelledError:
+            job.abandoned_at = time.monotonic()
+            with self._cond, contextlib.suppress(ValueError):
+                self._jobs.remove(job)  # still queued: never sent
+            raise
         finally:
             self.pending -= 1
 
+    def ready(self) -> int:
+        """Workers whose process is running and took its ready message."""
+        return sum(1 for w in self._workers if w.pid is not None)
+
+    def warm(self, modules: tuple[str, ...] = ()) -> list[int]:
+        """Start every worker now and import `modules` in each (blocking), so the first tile
+        does not pay for it; replacements import them before they say they are ready."""
+        self._modules = tuple(modules)  # before the first start: workers import them at once
+        futures = [self.submit(_warm, self._modules) for _ in range(self.workers * 2)]
+        for future in futures:
+            future.result(self.start_timeout)
+        deadline = time.monotonic() + self.start_timeout
+        while self.ready() < self.workers and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.pids()
+
     async def ping(self) -> int:
-        """Run a trivial job: proves a worker is alive (rebuilding a broken pool)."""
+        """Run a trivial job: proves a worker is alive and takes jobs. Fails at once when no
+        worker is running (all died and are being replaced, or cannot start)."""
+        self._ensure_started()
+        if not self.ready():
+            raise WorkerDied(f"no compute worker is running ({self.workers} starting)")
         return await self.run(_warm)
 
     def pids(self) -> list[int]:
-        return list(getattr(self._pool, "_processes", {}) or {})
+        return [w.pid for w in self._workers if w.pid is not None]
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "workers": self.workers,
+            "ready": self.ready(),
+            "pids": self.pids(),
+            "pending": self.pending,
+            "deaths": self.deaths,
+            "restarts": self.restarts,
+        }
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Stop the workers: queued jobs fail, running ones are killed (jobs are pure, nobody
+        is waiting once the service shuts down). Never waits on a job."""
+        with self._cond:
+            self._closing = True
+            queued = list(self._jobs)
+            self._jobs.clear()
+            self._cond.notify_all()
+        for job in queued:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(RuntimeError("compute pool closed"))
+        for worker in self._workers:
+            if worker.process is not None and worker.process.exitcode is None:
+                worker.process.kill()
+        for worker in self._workers:
+            worker.thread.join(10)

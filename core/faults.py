@@ -1,12 +1,20 @@
-"""A store wrapper that injects failures or latency at the store boundary (tests, benchmarks).
+"""Fault injection at the process's boundaries (tests, benchmarks).
 
-It wraps a real obstore store, so everything above the store — async-geotiff, the engine, the
-service — runs unchanged; only the network is simulated.
+`FaultyStore` wraps a real obstore store, so everything above the store — async-geotiff, the
+engine, the service — runs unchanged; only the network is simulated. `ComputeFault` makes a
+compute worker crash or hang at its job boundary (read from an environment variable, so a real
+`terrazzo serve` can be started with it); everything around the worker is the real code.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import os
+import signal
+import struct
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import obstore
@@ -63,3 +71,85 @@ class FaultyStore:
             self.inner, path, starts=starts, ends=ends, lengths=lengths
         )
         return [self._cut(p) for p in parts]
+
+
+# -- compute workers ---------------------------------------------------------------------------
+
+COMPUTE_FAULT_ENV = "TERRAZZO_FAULT_COMPUTE"
+COMPUTE_FAULTS = ("segv", "kill-mid-reply", "hang")
+
+
+@dataclass(frozen=True)
+class ComputeFault:
+    """A crash injected inside a compute worker, at the worker's job boundary.
+
+    Set `TERRAZZO_FAULT_COMPUTE=<action>:<job>[:<token file>]` (comma-separated for several)
+    in the server's environment; compute workers inherit it. `job` is the job function's name
+    (`warp_item`, `mosaic`, `encode`, or `*`). Actions:
+
+    - `segv`: the worker reads address 0 before running the job (a real SIGSEGV, as a native
+      library bug would give);
+    - `kill-mid-reply`: the worker runs the job, writes its result's header and half of its
+      bytes to the pipe, then SIGKILLs itself — the partial message that wedged
+      ProcessPoolExecutor;
+    - `hang`: the job never returns (a stuck native call), so only a deadline frees the worker.
+
+    With a token file the fault fires once, in whichever worker deletes the file first (so
+    "once" holds across worker processes and their replacements); without one it fires on
+    every matching job.
+    """
+
+    action: str
+    job: str
+    token: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> list[ComputeFault]:
+        faults = []
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            action, _, rest = part.partition(":")
+            job, _, token = rest.partition(":")
+            if action not in COMPUTE_FAULTS or not job:
+                raise ValueError(
+                    f"{COMPUTE_FAULT_ENV}: {part!r} is not <action>:<job>[:<token file>] "
+                    f"with action one of {COMPUTE_FAULTS}"
+                )
+            faults.append(cls(action, job, token or None))
+        return faults
+
+    @classmethod
+    def from_env(cls) -> list[ComputeFault]:
+        return cls.parse(os.environ.get(COMPUTE_FAULT_ENV, ""))
+
+    def fires(self, action: str, job: str) -> bool:
+        """Whether this fault applies to `job` now (claiming its token if it has one)."""
+        if action != self.action or self.job not in ("*", job):
+            return False
+        if self.token is None:
+            return True
+        try:
+            os.unlink(self.token)  # atomic: one worker wins the token
+        except FileNotFoundError:
+            return False
+        return True
+
+
+def before_job(faults: list[ComputeFault], job: str) -> None:
+    """Called by a compute worker before it runs `job`."""
+    for fault in faults:
+        if fault.fires("segv", job):
+            ctypes.string_at(0)  # SIGSEGV: reading address 0
+        if fault.fires("hang", job):
+            time.sleep(3600)
+
+
+def before_reply(faults: list[ComputeFault], job: str, fd: int, payload: bytes) -> None:
+    """Called by a compute worker with its framed reply about to be written to pipe `fd`."""
+    for fault in faults:
+        if fault.fires("kill-mid-reply", job):
+            # multiprocessing.Connection framing: a 4-byte big-endian length, then the bytes.
+            # Write the length and half the bytes, then die as a SIGKILL mid-write would.
+            part = memoryview(struct.pack("!i", len(payload)) + payload[: len(payload) // 2])
+            while part:
+                part = part[os.write(fd, part) :]
+            os.kill(os.getpid(), signal.SIGKILL)

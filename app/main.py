@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         await asyncio.to_thread(app.state.engine.compute.warm, ("app.encoders",))
         log.info("serving %s", await app.state.engine.catalog.summary_async())
         print(app.state.engine.access_report(), flush=True)
+        print(await app.state.engine.catalog.report_async(), flush=True)
         try:
             yield
         finally:

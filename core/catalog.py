@@ -47,6 +47,7 @@ class Item:
     bbox: tuple[float, float, float, float]
     assets: dict[str, str]  # asset name -> absolute href (relative hrefs resolved)
     properties: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # content that cannot be served (bad geometry, bbox): an item error
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,9 @@ class Catalog:
         self._root = duckdb.connect(config={"threads": 1})
         # metadata cache: row-group statistics are parsed once, not on every search
         self._root.execute("SET parquet_metadata_cache = true")
+        # Geometries stay WKB bytes: DuckDB's GeoParquet conversion parses every geometry at
+        # load and one garbage WKB fails the whole catalog; shapely checks each item instead.
+        self._root.execute("SET enable_geoparquet_conversion = false")
         self._fds: list[int] = []
         self._stamp = self._open_snapshot()
         self._checked = time.monotonic()
@@ -160,9 +164,7 @@ class Catalog:
                     f"DESCRIBE SELECT * FROM read_parquet('{_sql_string(source)}')"
                 ).fetchall()
             }
-            for required in ("id", "bbox", "assets", "geometry"):
-                if required not in columns:
-                    raise ValueError(f"{self.path} is not STAC-GeoParquet: no '{required}' column")
+            check_schema(self.path, columns)
         except Exception:
             os.close(fd)
             raise
@@ -170,7 +172,12 @@ class Catalog:
         if self.in_memory:
             self._generation += 1
             table = f"items_{self._generation}"
-            self._root.execute(f"CREATE TABLE {table} AS SELECT * FROM {scan}")
+            try:
+                self._root.execute(f"CREATE TABLE {table} AS SELECT * FROM {scan}")
+            except duckdb.Error as exc:
+                os.close(fd)
+                reason = str(exc).splitlines()[0]
+                raise ValueError(f"{self.path}: cannot be loaded ({reason})") from exc
             self._root.execute(f"CREATE OR REPLACE VIEW items AS SELECT * FROM {table}")
             # the table before last goes; the last one may still serve running searches
             if self._generation > 2:
@@ -217,7 +224,13 @@ class Catalog:
                 return False
             self.asset_names = self._asset_names()
             self.default_assets = self._default_assets()
-        log.warning("catalog %s reloaded", self.path)
+        count, examples = self.problems()
+        log.warning(
+            "catalog %s reloaded; %d items cannot be served%s",
+            self.path,
+            count,
+            "".join(f"; {i}: {why}" for i, why in examples),
+        )
         return True
 
     def close(self) -> None:
@@ -253,11 +266,13 @@ class Catalog:
         rows = self._fetch(sql, params, query)
         items: list[Item] = []
         for row in rows:
-            if query.intersects is not None and row[5] is not None:
-                footprint = shapely.from_wkb(row[5])
+            footprint = _footprint(row[5])
+            item = self._to_item(row, footprint)
+            if query.intersects is not None and item.error is None:
+                assert footprint is not None  # else item.error says so
                 if not footprint.intersects(query.intersects):
                     continue
-            items.append(self._to_item(row))
+            items.append(item)
             if len(items) >= query.limit:
                 break
         return items
@@ -323,14 +338,16 @@ class Catalog:
     def _property_columns(self) -> list[str]:
         return [c for c in ("proj:code", "proj:epsg") if c in self.columns]
 
-    def _to_item(self, row: tuple[Any, ...]) -> Item:
+    def _to_item(self, row: tuple[Any, ...], footprint: BaseGeometry | None) -> Item:
         item_id, collection, when, bbox, assets, _wkb, *props = row
         names = self._property_columns()
+        box = (bbox["xmin"], bbox["ymin"], bbox["xmax"], bbox["ymax"]) if bbox else (math.nan,) * 4
         return Item(
             id=item_id,
             collection=collection,
             datetime=when,
-            bbox=(bbox["xmin"], bbox["ymin"], bbox["xmax"], bbox["ymax"]),
+            error=item_problem(box, footprint),
+            bbox=box,
             assets={
                 name: self.resolve_href(asset["href"])
                 for name, asset in (assets or {}).items()
@@ -360,6 +377,46 @@ class Catalog:
             ).fetchall()
         return [(d, n, i, self.resolve_href(h)) for d, n, i, h in rows]
 
+    async def report_async(self) -> str:
+        """The start-up lines about the catalog's own items (see `problems`)."""
+        loop = asyncio.get_running_loop()
+        count, examples = await loop.run_in_executor(self._executor, self.problems)
+        lines = [f"items that cannot be served (catalog content): {count}"]
+        lines += [f"  {item_id}: {why}" for item_id, why in examples]
+        return "\n".join(lines)
+
+    def problems(self, examples: int = 5) -> tuple[int, list[tuple[str, str]]]:
+        """Items whose own content cannot be served — (how many, a few (id, why)) — for the
+        start-up report. One vectorised pass in DuckDB (no per-item Python): a missing id,
+        a bbox that is not four finite numbers, a missing or non-WKB geometry (its header
+        bytes; a garbage body is caught per item by the search), a datetime Python cannot
+        hold, an href with a NUL byte. Such items stay item errors wherever they match."""
+        box = " AND ".join(f"isfinite(bbox.{k})" for k in ("xmin", "ymin", "xmax", "ymax"))
+        checks = [
+            ("id IS NULL", "no id"),
+            (f"bbox IS NULL OR NOT ({box})", "bbox is not four finite numbers"),
+            (
+                "geometry IS NULL OR octet_length(geometry::BLOB) < 9"
+                " OR hex((geometry::BLOB)[1:1]) NOT IN ('00', '01')",
+                "geometry is missing or not WKB",
+            ),
+        ]
+        for name in ("datetime", "start_datetime", "end_datetime"):
+            if name in self.columns and self.columns[name].upper().startswith("TIMESTAMP"):
+                checks.append(
+                    (f"{name} NOT BETWEEN {_TIME_MIN} AND {_TIME_MAX}", f"{name} out of range")
+                )
+        for name in self.asset_names:
+            checks.append(
+                (f"contains(assets.{_quote(name)}.href, chr(0))", f"asset {name}: NUL in href")
+            )
+        reason = "CASE " + " ".join(f"WHEN {c} THEN '{_sql_string(w)}'" for c, w in checks)
+        rows = self._root.execute(
+            f"SELECT count(*) OVER (), coalesce(id, '(no id)'), why FROM"
+            f" (SELECT id, {reason} END AS why FROM items) WHERE why IS NOT NULL LIMIT {examples}"
+        ).fetchall()
+        return (rows[0][0] if rows else 0), [(i, w) for _, i, w in rows]
+
     def _asset_names(self) -> tuple[str, ...]:
         kind = self.columns["assets"]
         if not kind.upper().startswith("STRUCT"):
@@ -385,7 +442,9 @@ class Catalog:
         return await loop.run_in_executor(self._executor, self.summary)
 
     def summary(self) -> dict[str, Any]:
-        """Counts and extents, for /info-like routes and the CLI."""
+        """Counts and extents, for /info-like routes and the CLI (of the file in use now: a
+        replaced catalog is taken first, as every search does)."""
+        self.reload_if_replaced()
         row = (
             self._cursor()
             .execute(
@@ -530,18 +589,24 @@ class Catalog:
         )
         features = []
         for item_id, collection, when, bbox, wkb, assets in rows:
-            geometry = json.loads(shapely.to_geojson(shapely.from_wkb(wkb))) if wkb else None
+            shape = _footprint(wkb)
+            geometry = json.loads(shapely.to_geojson(shape)) if shape is not None else None
+            box = (bbox["xmin"], bbox["ymin"], bbox["xmax"], bbox["ymax"]) if bbox else ()
+            problem = item_problem(box, shape)
+            properties = {
+                "datetime": _utc(when),
+                "collection": collection,
+                "assets": [k for k, v in (assets or {}).items() if v is not None],
+            }
+            if problem:  # shown, not hidden: the user sees why this item never draws
+                properties["terrazzo:error"] = problem
             features.append(
                 {
                     "type": "Feature",
                     "id": item_id,
                     "geometry": geometry,
-                    "bbox": [bbox["xmin"], bbox["ymin"], bbox["xmax"], bbox["ymax"]],
-                    "properties": {
-                        "datetime": _utc(when),
-                        "collection": collection,
-                        "assets": [k for k, v in (assets or {}).items() if v is not None],
-                    },
+                    "bbox": list(box) if box and all(map(math.isfinite, box)) else None,
+                    "properties": properties,
                 }
             )
         return features, matched
@@ -603,11 +668,70 @@ def _collection_expr(columns: dict[str, str]) -> str:
 
 
 def _datetime_expr(columns: dict[str, str]) -> str:
+    """An item's datetime, NULL where Python cannot hold it (DuckDB's timestamps reach year
+    294,247; a year-20000 value would fail the whole query when its rows are fetched)."""
     if "datetime" in columns:
-        if "start_datetime" in columns:
-            return "COALESCE(datetime, start_datetime)"
-        return "datetime"
-    return "start_datetime" if "start_datetime" in columns else "NULL::TIMESTAMPTZ"
+        raw = "COALESCE(datetime, start_datetime)" if "start_datetime" in columns else "datetime"
+    elif "start_datetime" in columns:
+        raw = "start_datetime"
+    else:
+        return "NULL::TIMESTAMPTZ"
+    return f"(CASE WHEN {raw} BETWEEN {_TIME_MIN} AND {_TIME_MAX} THEN {raw} END)"
+
+
+_TIME_MIN = "TIMESTAMPTZ '0001-01-02 00:00:00+00'"
+_TIME_MAX = "TIMESTAMPTZ '9999-12-30 00:00:00+00'"
+
+
+def check_schema(path: Path, columns: dict[str, str]) -> None:
+    """Refuse a file that cannot be served, in one line that names the column and the fix
+    (at start-up, and for a replacement file, which is then ignored)."""
+    for required in ("id", "bbox", "assets", "geometry"):
+        if required not in columns:
+            raise ValueError(f"{path} is not STAC-GeoParquet: no '{required}' column")
+    expect = {
+        "id": ("VARCHAR",),
+        "bbox": ("STRUCT(",),
+        "assets": ("STRUCT(",),
+        "geometry": ("BLOB", "GEOMETRY"),
+    }
+    for name in ("datetime", "start_datetime", "end_datetime"):
+        if name in columns:
+            expect[name] = ("TIMESTAMP", "DATE")
+    for name, prefixes in expect.items():
+        kind = columns[name].upper()
+        if not kind.startswith(prefixes) and not (name in ("datetime",) and kind == '"NULL"'):
+            raise ValueError(
+                f"{path}: column '{name}' is {columns[name]}, expected {' or '.join(prefixes)}"
+                " — write the catalog with stac-geoparquet, rustac or `terrazzo index`"
+            )
+    if "bbox" in columns and not all(
+        f"{k} " in columns["bbox"] for k in ("xmin", "ymin", "xmax", "ymax")
+    ):
+        raise ValueError(
+            f"{path}: column 'bbox' is {columns['bbox']}, "
+            "expected a struct of xmin, ymin, xmax, ymax"
+        )
+
+
+def item_problem(bbox: tuple[float, ...], footprint: BaseGeometry | None) -> str | None:
+    """Why an item's own content cannot be served, or None. Such an item is reported as an
+    item error wherever it matches, never a 500 for the request or the other items."""
+    if len(bbox) != 4 or not all(isinstance(v, int | float) and math.isfinite(v) for v in bbox):
+        return f"bbox {list(bbox)} is not four finite numbers"
+    if footprint is None:
+        return "geometry is missing or not valid WKB"
+    return None
+
+
+def _footprint(wkb: bytes | None) -> BaseGeometry | None:
+    """The item's footprint, or None when its WKB does not parse."""
+    if wkb is None:
+        return None
+    try:
+        return shapely.from_wkb(wkb)
+    except Exception:  # shapely.errors.GEOSException and friends: garbage bytes
+        return None
 
 
 MAX_DATES = 1000  # distinct acquisition days listed per collection

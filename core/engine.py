@@ -187,7 +187,9 @@ class Engine:
         assets = self.resolve_assets(params.assets)
         with clock.stage("search"):
             items, truncated = await self.search(grid, query)
-        hrefs = {item.assets[a] for item in items for a in assets if a in item.assets}
+        hrefs = {
+            item.assets[a] for item in items if not item.error for a in assets if a in item.assets
+        }
         with clock.stage("headers"):
             opened = await asyncio.gather(
                 *(self.fetcher.header(h) for h in hrefs), return_exceptions=True

@@ -356,6 +356,9 @@ def make_plan(
     skipped: list[tuple[str, str]] = []
     errors: list[tuple[str, str]] = []
     for item in items:
+        if item.error:  # the catalog entry itself is broken (see core.catalog.item_problem)
+            errors.append((item.id, f"catalog entry: {item.error}"))
+            continue
         missing = [a for a in assets if a not in item.assets]
         if missing:
             skipped.append((item.id, f"no asset {', '.join(missing)}"))

@@ -109,6 +109,8 @@ class Engine:
             retry_base=settings.retry_base_s,
             retry_cap=settings.retry_cap_s,
             tile_cache_bytes=settings.tile_cache_mb * 2**20,
+            max_read_bytes=settings.max_read_mb * 2**20,
+            header_timeout=settings.header_read_timeout_s,
         )
         self.compute = ComputePool(settings.compute_workers)
         dirs = self.catalog.href_dirs()

@@ -50,7 +50,12 @@ _TRANSIENT_TEXT = re.compile(
     r"too many requests|service unavailable|slow ?down",
     re.IGNORECASE,
 )
-_PERMANENT_TEXT = re.compile(r"not ?found|no such file|permission|invalid range", re.IGNORECASE)
+# Refusals by our own guards keep their words when async-tiff re-raises them as its own type
+_PERMANENT_TEXT = re.compile(
+    r"not ?found|no such file|permission|invalid range|AccessDenied|ResponseTooLarge|"
+    r"HostileTiff|redirect|--allow|too large",
+    re.IGNORECASE,
+)
 
 
 # Decoded bytes one read (one asset window: its internal tiles, all bands, plus the mask) may
@@ -271,8 +276,6 @@ class Fetcher:
         is cancelled when the last caller waiting for it leaves (a request's 504 or
         disconnect), so a header that never ends cannot outlive its requests.
         """
-        if self.policy is not None:
-            self.policy.check(href)  # before any store is touched
         shared = self._cache.get(href)
         if shared is not None:
             self._cache.move_to_end(href)
@@ -303,7 +306,14 @@ class Fetcher:
     async def _open_checked(self, href: str) -> tuple[GeoTIFF, Header]:
         """Guard the header (core.tiffguard), then let async-geotiff parse it from the bytes
         the guard read: no native reader sees a header that claims too much, and an ordinary
-        COG costs no extra round trip."""
+        COG costs no extra round trip.
+
+        The access policy is checked first, before any store is touched, on a thread: it may
+        resolve a host name or a symlink (blocking calls), and it runs once per opened header,
+        not per read — the connection itself is checked again when it is made (core.httpstore).
+        """
+        if self.policy is not None:
+            await asyncio.to_thread(self.policy.check, href)
         store, path = self.stores.get(href)
         try:
             async with asyncio.timeout(self.header_timeout):

@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     request_concurrency: int = Field(8, ge=1, description="Items read at once for one request.")
     header_cache_size: int = Field(512, ge=1, description="Opened COG headers kept (LRU).")
     tile_cache_mb: int = Field(512, ge=0, description="Decoded COG tiles kept (LRU, by size).")
+    max_read_mb: int = Field(
+        512, ge=1, description="Decoded bytes one window read may need (else an item error)."
+    )
+    header_read_timeout_s: float = Field(
+        20, gt=0, description="A COG header must be read within this (else an item error)."
+    )
     retries: int = Field(3, ge=0, description="Retries of a transient store error.")
     retry_base_s: float = Field(0.05, gt=0, description="First backoff step (full jitter).")
     retry_cap_s: float = Field(2.0, gt=0, description="Longest backoff step.")

@@ -70,6 +70,10 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001:10001
 WORKDIR /home/terrazzo
 EXPOSE 8000
+# The entry point execs `terrazzo serve`: the server is the container's main process (under
+# `docker run --init` / compose `init: true`), so signals reach it and a crash ends the
+# container for its restart policy. TERRAZZO_WORKERS=N runs N server processes under
+# uvicorn's supervisor, which replaces one that dies without restarting the container.
 # Liveness; /readyz (catalog answers, compute pool runs a job) gates traffic in compose.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('TERRAZZO_PORT', '8000'), timeout=4)"]

@@ -263,6 +263,33 @@ def test_compose_passes_store_credentials_through_unset_by_default() -> None:
         assert name in env and env[name] is None, f"{name} should be passed through, not set"
 
 
+def test_compose_restarts_what_crashes_and_leaves_one_shots_alone() -> None:
+    """A replica whose server process dies (a native crash in it, or in its supervisor) is
+    restarted by Docker; the one-shot services are not (they would rerun for ever)."""
+    services = compose()["services"]
+    for name in ("terrazzo", "lb", "dask-scheduler", "dask-worker"):
+        assert services[name].get("restart") in ("unless-stopped", "always", "on-failure"), name
+    for name in ("catalog", "job"):
+        assert services[name].get("restart") == "no", name
+    server = services["terrazzo"]
+    # tini as PID 1: it forwards SIGTERM to the server and reaps the compute workers of a
+    # server process that died, so a crash never leaves zombies behind in the container.
+    assert server.get("init") is True
+    assert server["environment"]["TERRAZZO_WORKERS"] == "1"
+    workers = compose({"TERRAZZO_WORKERS": "3"})["services"]["terrazzo"]["environment"]
+    assert workers["TERRAZZO_WORKERS"] == "3"
+
+
+def test_the_image_runs_the_server_as_its_main_process() -> None:
+    """The restart policy watches the container's main process: the entry point must exec the
+    server (a shell left waiting on it would outlive a crash and hide it), in exec form."""
+    entrypoint = dict(stage("server")["instructions"])["ENTRYPOINT"]
+    assert json.loads(entrypoint) == ["terrazzo-entrypoint"]
+    script = ENTRYPOINT.read_text()
+    serve = script[script.index("    serve)") : script.index(";;", script.index("    serve)"))]
+    assert 'exec terrazzo serve "$@"' in serve
+
+
 def test_compose_file_passes_docker_compose_config() -> None:
     """The real parser and schema: the Compose v2 plugin, or v1 (make setup installs v1)."""
     commands = []
@@ -487,6 +514,64 @@ def test_entrypoint_serves_the_demo_and_health_checks_pass(
     command = [part.replace(":8000/", f":{port}/") for part in test[1:]]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
+
+
+def test_entrypoint_runs_supervised_server_processes_from_the_environment(
+    demo_catalog: Path,
+) -> None:
+    """TERRAZZO_WORKERS=2 through the image's entry point: two server processes under
+    uvicorn's supervisor; one killed is replaced and the service keeps answering."""
+    import psutil
+
+    port = free_port()
+    env = clean_env(
+        TERRAZZO_DEMO_DIR=str(demo_catalog.parent),
+        TERRAZZO_HOST="127.0.0.1",
+        TERRAZZO_PORT=str(port),
+        TERRAZZO_WORKERS="2",
+        TERRAZZO_COMPUTE_WORKERS="1",
+    )
+    proc = subprocess.Popen(
+        ["sh", str(ENTRYPOINT)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def servers() -> list[int]:
+        pids = []
+        for child in psutil.Process(proc.pid).children():
+            try:
+                if "spawn_main" in " ".join(child.cmdline()):
+                    pids.append(child.pid)
+            except psutil.Error:  # a dead one not reaped yet (a zombie) or gone
+                pass
+        return pids
+
+    def answers() -> bool:
+        try:
+            return httpx.get(url + "/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        deadline = time.monotonic() + 60
+        while not (answers() and len(servers()) == 2):
+            assert proc.poll() is None, "the entry point exited"
+            assert time.monotonic() < deadline, "two server processes did not serve in 60 s"
+            time.sleep(0.2)
+        first = servers()
+        os.kill(first[0], 9)
+        deadline = time.monotonic() + 30
+        while not (answers() and len(set(servers()) - set(first)) == 1):
+            assert time.monotonic() < deadline, "the killed server process was not replaced"
+            time.sleep(0.2)
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def test_entrypoint_catalog_mode_keeps_an_existing_demo(demo_catalog: Path) -> None:

@@ -38,6 +38,13 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("terrazzo serve: --workers must be at least 1", file=sys.stderr)
         return 2
+    from core.catalog import check_catalog
+
+    try:  # a catalog that cannot be served is one line naming the column, not a traceback
+        check_catalog(settings.catalog)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"terrazzo serve: {exc}", file=sys.stderr)
+        return 2
     configure(settings.log_format, settings.log_level)
     print("terrazzo settings:", json.dumps(settings.public()), flush=True)
     from app.protocol import ENV as HEADER_TIMEOUT_ENV

@@ -127,11 +127,22 @@ def _engine(request: Request) -> Engine:
 
 
 async def _describe(
-    request: Request, tms: TileMatrixSet, tilesize: int | None
+    request: Request,
+    tms: TileMatrixSet,
+    tilesize: int | None,
+    query: SearchQuery | None = None,
+    params: ReadParams | None = None,
 ) -> tuple[list[float], int, int]:
-    catalog = _engine(request).catalog
+    """Bounds and zoom range; the zooms from the pixels of the assets asked for, over the
+    collections asked for (a 10 m band and a 60 m band of one catalog differ by 2.6 zooms)."""
+    engine = _engine(request)
+    catalog = engine.catalog
     summary = await catalog.summary_async()
-    stats = await catalog.resolution_stats_async() if summary.get("items") else None
+    assets = engine.resolve_assets(params.assets) if params else ()
+    collections = query.collections if query else ()
+    stats = (
+        await catalog.resolution_stats_async(assets, collections) if summary.get("items") else None
+    )
     minzoom, maxzoom = zoom_range(tms, stats, tilesize)
     return _bounds(summary, tms), minzoom, maxzoom
 
@@ -142,11 +153,11 @@ def _query_suffix(request: Request) -> str:
 
 
 async def _tilejson(
-    request: Request, tms_id: str, tilesize: int | None, params: ReadParams
+    request: Request, tms_id: str, tilesize: int | None, query: SearchQuery, params: ReadParams
 ) -> dict[str, Any]:
     tms = matrix_set(tms_id)
     _engine(request).resolve_assets(params.assets)  # unknown assets: 400 now, not per tile
-    bounds, minzoom, maxzoom = await _describe(request, tms, tilesize)
+    bounds, minzoom, maxzoom = await _describe(request, tms, tilesize, query, params)
     template = f"{public_base_url(request)}tiles/{tms.id}/{{z}}/{{x}}/{{y}}"
     return {
         "tilejson": "3.0.0",
@@ -171,7 +182,7 @@ async def tilejson(
     render: RenderParams = Depends(render_params),
 ) -> dict[str, Any]:
     """Every query parameter (the tile parameters) is copied into the `tiles` template."""
-    return await _tilejson(request, DEFAULT_TMS, tilesize, params)
+    return await _tilejson(request, DEFAULT_TMS, tilesize, query, params)
 
 
 @router.get("/{tileMatrixSetId}/tilejson.json", summary="TileJSON 3.0.0 of the mosaic")
@@ -184,7 +195,7 @@ async def tilejson_tms(
     render: RenderParams = Depends(render_params),
 ) -> dict[str, Any]:
     """Every query parameter (the tile parameters) is copied into the `tiles` template."""
-    return await _tilejson(request, tileMatrixSetId, tilesize, params)
+    return await _tilejson(request, tileMatrixSetId, tilesize, query, params)
 
 
 @router.get("/tileMatrixSets", summary="The tile matrix sets tiles can be asked in")
@@ -318,11 +329,11 @@ def wmts_capabilities(
 
 
 async def _wmts(
-    request: Request, tms_id: str, tilesize: int | None, params: ReadParams
+    request: Request, tms_id: str, tilesize: int | None, query: SearchQuery, params: ReadParams
 ) -> Response:
     tms = matrix_set(tms_id)
     _engine(request).resolve_assets(params.assets)
-    bounds, minzoom, maxzoom = await _describe(request, tms, tilesize)
+    bounds, minzoom, maxzoom = await _describe(request, tms, tilesize, query, params)
     body = wmts_capabilities(
         tms,
         base=public_base_url(request),
@@ -345,7 +356,7 @@ async def wmts(
     render: RenderParams = Depends(render_params),
 ) -> Response:
     """Every query parameter (the tile parameters) is copied into the ResourceURL template."""
-    return await _wmts(request, DEFAULT_TMS, tilesize, params)
+    return await _wmts(request, DEFAULT_TMS, tilesize, query, params)
 
 
 @router.get("/{tileMatrixSetId}/WMTSCapabilities.xml", summary="OGC WMTS 1.0.0 capabilities")
@@ -358,4 +369,4 @@ async def wmts_tms(
     render: RenderParams = Depends(render_params),
 ) -> Response:
     """Every query parameter (the tile parameters) is copied into the ResourceURL template."""
-    return await _wmts(request, tileMatrixSetId, tilesize, params)
+    return await _wmts(request, tileMatrixSetId, tilesize, query, params)

@@ -31,7 +31,7 @@ import duckdb
 import shapely
 from shapely.geometry.base import BaseGeometry
 
-from core import filters
+from core import filters, schema
 
 IMAGE_MEDIA_PREFIX = "image/tiff"
 log = logging.getLogger("terrazzo.catalog")
@@ -48,6 +48,8 @@ class Item:
     assets: dict[str, str]  # asset name -> absolute href (relative hrefs resolved)
     properties: dict[str, Any] = field(default_factory=dict)
     error: str | None = None  # content that cannot be served (bad geometry, bbox): an item error
+    # per asset, its `raster:bands` (the asset's own, else the item's): nodata, scale, offset...
+    raster_bands: dict[str, tuple[dict[str, Any], ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,9 @@ class Catalog:
         # Geometries stay WKB bytes: DuckDB's GeoParquet conversion parses every geometry at
         # load and one garbage WKB fails the whole catalog; shapely checks each item instead.
         self._root.execute("SET enable_geoparquet_conversion = false")
+        # TIMESTAMPTZ values reach Python in the session's zone, the machine's by default:
+        # UTC, so a server under TZ=Asia/Tokyo labels an item 23:00Z as 23:00Z
+        self._root.execute("SET TimeZone = 'UTC'")
         self._fds: list[int] = []
         self._stamp = self._open_snapshot()
         self._checked = time.monotonic()
@@ -157,39 +162,49 @@ class Catalog:
         """
         fd = os.open(self.path, os.O_RDONLY)
         source = f"/proc/self/fd/{fd}" if os.path.exists(f"/proc/self/fd/{fd}") else str(self.path)
+        scan = f"read_parquet('{_sql_string(source)}')"
+        self._generation += 1
+        bounds = f"bounds_{self._generation}"
         try:
-            columns = {
-                row[0]: row[1]
-                for row in self._root.execute(
-                    f"DESCRIBE SELECT * FROM read_parquet('{_sql_string(source)}')"
-                ).fetchall()
-            }
-            check_schema(self.path, columns)
+            raw = self._describe(f"SELECT * FROM {scan}")
+            schema.check(self.path, raw)
+            normalised, _ = schema.select(scan, raw, bounds)
+            if "bbox" not in raw:  # only a geometry: derive each item's bbox from it
+                derived = schema.derive_bbox(
+                    lambda: self._root.execute(
+                        f"SELECT geometry::BLOB FROM {scan}"
+                    ).to_arrow_table()
+                )
+                # a table, not a registered view: every search thread's cursor must see it
+                self._root.register("derived_bbox", derived)
+                self._root.execute(f"CREATE TABLE {bounds} AS SELECT * FROM derived_bbox")
+                self._root.unregister("derived_bbox")
+            if self.in_memory:
+                table = f"items_{self._generation}"
+                self._root.execute(f"CREATE TABLE {table} AS {normalised}")
+                self._root.execute(f"CREATE OR REPLACE VIEW items AS SELECT * FROM {table}")
+                # the table before last goes; the last one may still serve running searches
+                if self._generation > 2:
+                    self._root.execute(f"DROP TABLE IF EXISTS items_{self._generation - 2}")
+            else:
+                self._root.execute(f"CREATE OR REPLACE VIEW items AS {normalised}")
+            columns = self._describe("SELECT * FROM items")
+        except duckdb.Error as exc:
+            os.close(fd)
+            reason = str(exc).splitlines()[0]
+            raise schema.SchemaError(f"{self.path}: cannot be read ({reason})") from exc
         except Exception:
             os.close(fd)
             raise
-        scan = f"read_parquet('{_sql_string(source)}')"
-        if self.in_memory:
-            self._generation += 1
-            table = f"items_{self._generation}"
-            try:
-                self._root.execute(f"CREATE TABLE {table} AS SELECT * FROM {scan}")
-            except duckdb.Error as exc:
-                os.close(fd)
-                reason = str(exc).splitlines()[0]
-                raise ValueError(f"{self.path}: cannot be loaded ({reason})") from exc
-            self._root.execute(f"CREATE OR REPLACE VIEW items AS SELECT * FROM {table}")
-            # the table before last goes; the last one may still serve running searches
-            if self._generation > 2:
-                self._root.execute(f"DROP TABLE IF EXISTS items_{self._generation - 2}")
-        else:
-            self._root.execute(f"CREATE OR REPLACE VIEW items AS SELECT * FROM {scan}")
         self.columns = columns
         self._fds.append(fd)
         while len(self._fds) > 2:  # the previous file stays open for queries still running
             os.close(self._fds.pop(0))
         st = os.fstat(fd)
         return (st.st_ino, st.st_mtime_ns)
+
+    def _describe(self, sql: str) -> dict[str, str]:
+        return {row[0]: row[1] for row in self._root.execute(f"DESCRIBE {sql}").fetchall()}
 
     async def version_async(self) -> str:
         """Which catalog file is in use (inode and mtime), after taking a replaced one: part of
@@ -248,6 +263,7 @@ class Catalog:
         if cursor is None:
             with self._lock:
                 cursor = self._root.cursor()
+                cursor.execute("SET TimeZone = 'UTC'")  # per connection, like the root's
                 self._cursors.append(cursor)
             self._local.cursor = cursor
         return cursor
@@ -336,12 +352,13 @@ class Catalog:
         return ("datetime", "datetime")
 
     def _property_columns(self) -> list[str]:
-        return [c for c in ("proj:code", "proj:epsg") if c in self.columns]
+        return [c for c in ("proj:code", "proj:epsg", "raster:bands") if c in self.columns]
 
     def _to_item(self, row: tuple[Any, ...], footprint: BaseGeometry | None) -> Item:
         item_id, collection, when, bbox, assets, _wkb, *props = row
         names = self._property_columns()
         box = (bbox["xmin"], bbox["ymin"], bbox["xmax"], bbox["ymax"]) if bbox else (math.nan,) * 4
+        properties = dict(zip(names, props, strict=True))
         return Item(
             id=item_id,
             collection=collection,
@@ -353,7 +370,12 @@ class Catalog:
                 for name, asset in (assets or {}).items()
                 if asset is not None and asset.get("href")
             },
-            properties=dict(zip(names, props, strict=True)),
+            properties=properties,
+            raster_bands={
+                name: schema.raster_bands(asset, properties.get("raster:bands"))
+                for name, asset in (assets or {}).items()
+                if asset is not None
+            },
         )
 
     def resolve_href(self, href: str) -> str:
@@ -449,7 +471,8 @@ class Catalog:
             self._cursor()
             .execute(
                 f"SELECT count(*), min(bbox.xmin), min(bbox.ymin), max(bbox.xmax), max(bbox.ymax),"
-                f" min({_datetime_expr(self.columns)}), max({_datetime_expr(self.columns)})"
+                f" min({_datetime_expr(self.columns)}),"
+                f" max({_datetime_expr(self.columns, 'end')})"
                 " FROM items"
             )
             .fetchone()
@@ -539,7 +562,7 @@ class Catalog:
                 .execute(
                     f"SELECT {_collection_expr(self.columns)} AS c, count(*),"
                     " min(bbox.xmin), min(bbox.ymin), max(bbox.xmax), max(bbox.ymax),"
-                    f" min({when}), max({when}),"
+                    f" min({when}), max({_datetime_expr(self.columns, 'end')}),"
                     f" list(DISTINCT {day} ORDER BY {day} DESC) FILTER (WHERE {when} IS NOT NULL)"
                     f"{per_asset} FROM items GROUP BY c ORDER BY c NULLS LAST"
                 )
@@ -611,17 +634,24 @@ class Catalog:
             )
         return features, matched
 
-    async def resolution_stats_async(self) -> dict[str, Any] | None:
+    async def resolution_stats_async(
+        self, assets: Sequence[str] = (), collections: Sequence[str] = ()
+    ) -> dict[str, Any] | None:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.resolution_stats)
+        return await loop.run_in_executor(
+            self._executor, self.resolution_stats, tuple(assets), tuple(collections)
+        )
 
-    def resolution_stats(self) -> dict[str, Any] | None:
-        """The item with the finest pixel and the largest item, for TileJSON/WMTS zooms.
+    def resolution_stats(
+        self, assets: tuple[str, ...] = (), collections: tuple[str, ...] = ()
+    ) -> dict[str, Any] | None:
+        """The item with the finest pixel and the largest item, for TileJSON/WMTS zooms, over
+        the items of `collections` (all when empty) and the pixels of `assets`.
 
-        Pixel size is in degrees of longitude: bbox width over `proj:shape` columns, else
-        `gsd` metres over the metres per degree at the item's latitude. That orders items as
-        Web Mercator resolutions do. None when the catalog has neither column; items crossing
-        the antimeridian (xmin > xmax) are left out.
+        Pixel size is in degrees of longitude: bbox width over `proj:shape` (the asset's own,
+        else the item's), else `gsd` metres (asset, then item) over the metres per degree at
+        the item's latitude. That orders items as Web Mercator resolutions do. None when
+        neither is anywhere; items crossing the antimeridian (xmin > xmax) are left out.
         """
         self.reload_if_replaced()
 
@@ -629,20 +659,29 @@ class Catalog:
             width = "(bbox.xmax - bbox.xmin)"
             coslat = "cos(radians((bbox.ymin + bbox.ymax) / 2))"
             terms = []
-            if "proj:shape" in self.columns:
-                terms.append(f'{width} / NULLIF("proj:shape"[2], 0)')
-            if "gsd" in self.columns:
-                terms.append(f"gsd / ({_M_PER_DEG} * {coslat})")
+            for owner in [f"assets.{_quote(a)}" for a in assets] + [""]:
+                shape = self._field(owner, "proj:shape")
+                if shape:
+                    terms.append(f"{width} / NULLIF({shape}[2], 0)")
+            for owner in [f"assets.{_quote(a)}" for a in assets] + [""]:
+                gsd = self._field(owner, "gsd")
+                if gsd:
+                    terms.append(f"{gsd} / ({_M_PER_DEG} * {coslat})")
             if not terms:
                 return None
             res = f"COALESCE({', '.join(terms)})"
             size = f"greatest({width} * {coslat}, bbox.ymax - bbox.ymin)"
+            where, params = self._where(SearchQuery(collections=collections))
+            where = (where + " AND" if where else " WHERE") + (
+                " bbox.xmax > bbox.xmin AND bbox.ymax > bbox.ymin"
+            )
             row = (
                 self._cursor()
                 .execute(
                     "SELECT arg_min(bbox, res), min(res), arg_max(bbox, size)"
-                    f" FROM (SELECT bbox, {res} AS res, {size} AS size FROM items"
-                    " WHERE bbox.xmax > bbox.xmin AND bbox.ymax > bbox.ymin) WHERE res > 0"
+                    f" FROM (SELECT bbox, {res} AS res, {size} AS size FROM items{where})"
+                    " WHERE res > 0",
+                    params,
                 )
                 .fetchone()
             )
@@ -652,7 +691,19 @@ class Catalog:
             box = lambda b: (b["xmin"], b["ymin"], b["xmax"], b["ymax"])  # noqa: E731
             return {"finest_bbox": box(finest), "res_deg": res_deg, "largest_bbox": box(largest)}
 
-        return self._per_snapshot("resolution", build)
+        return self._per_snapshot(f"resolution:{assets}:{collections}", build)
+
+    def _field(self, owner: str, name: str) -> str | None:
+        """SQL for column `name` (owner "") or struct field `owner.name`, if the snapshot has
+        it (asset structs differ between catalogs), else None."""
+        expr = f"{owner}.{_quote(name)}" if owner else _quote(name)
+        if not owner:
+            return expr if name in self.columns else None
+        try:
+            self._cursor().execute(f"DESCRIBE SELECT {expr} FROM items")
+        except duckdb.Error:
+            return None
+        return expr
 
 
 def _quote(name: str) -> str:
@@ -667,15 +718,16 @@ def _collection_expr(columns: dict[str, str]) -> str:
     return "collection" if "collection" in columns else "NULL"
 
 
-def _datetime_expr(columns: dict[str, str]) -> str:
-    """An item's datetime, NULL where Python cannot hold it (DuckDB's timestamps reach year
-    294,247; a year-20000 value would fail the whole query when its rows are fetched)."""
-    if "datetime" in columns:
-        raw = "COALESCE(datetime, start_datetime)" if "start_datetime" in columns else "datetime"
-    elif "start_datetime" in columns:
-        raw = "start_datetime"
-    else:
+def _datetime_expr(columns: dict[str, str], edge: str = "start") -> str:
+    """An item's datetime (`edge="end"`: where its time span ends, `end_datetime` first), NULL
+    where Python cannot hold it (DuckDB's timestamps reach year 294,247; a year-20000 value
+    would fail the whole query when its rows are fetched)."""
+    present = [c for c in (f"{edge}_datetime", "datetime") if c in columns]
+    if edge == "start" and "datetime" in present:
+        present.reverse()  # the item's own datetime labels it; start_datetime when it is null
+    if not present:
         return "NULL::TIMESTAMPTZ"
+    raw = f"COALESCE({', '.join(present)})" if len(present) > 1 else present[0]
     return f"(CASE WHEN {raw} BETWEEN {_TIME_MIN} AND {_TIME_MAX} THEN {raw} END)"
 
 
@@ -683,35 +735,26 @@ _TIME_MIN = "TIMESTAMPTZ '0001-01-02 00:00:00+00'"
 _TIME_MAX = "TIMESTAMPTZ '9999-12-30 00:00:00+00'"
 
 
-def check_schema(path: Path, columns: dict[str, str]) -> None:
-    """Refuse a file that cannot be served, in one line that names the column and the fix
-    (at start-up, and for a replacement file, which is then ignored)."""
-    for required in ("id", "bbox", "assets", "geometry"):
-        if required not in columns:
-            raise ValueError(f"{path} is not STAC-GeoParquet: no '{required}' column")
-    expect = {
-        "id": ("VARCHAR",),
-        "bbox": ("STRUCT(",),
-        "assets": ("STRUCT(",),
-        "geometry": ("BLOB", "GEOMETRY"),
-    }
-    for name in ("datetime", "start_datetime", "end_datetime"):
-        if name in columns:
-            expect[name] = ("TIMESTAMP", "DATE")
-    for name, prefixes in expect.items():
-        kind = columns[name].upper()
-        if not kind.startswith(prefixes) and not (name in ("datetime",) and kind == '"NULL"'):
-            raise ValueError(
-                f"{path}: column '{name}' is {columns[name]}, expected {' or '.join(prefixes)}"
-                " — write the catalog with stac-geoparquet, rustac or `terrazzo index`"
-            )
-    if "bbox" in columns and not all(
-        f"{k} " in columns["bbox"] for k in ("xmin", "ymin", "xmax", "ymax")
-    ):
-        raise ValueError(
-            f"{path}: column 'bbox' is {columns['bbox']}, "
-            "expected a struct of xmin, ymin, xmax, ymax"
-        )
+def check_catalog(path: Path | str) -> None:
+    """Raise a one-line error if the file at `path` is no catalog Terrazzo can serve: its
+    schema only (DESCRIBE reads the footer), before a server starts loading it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"catalog not found: {path}")
+    con = duckdb.connect(config={"threads": 1})
+    try:
+        con.execute("SET enable_geoparquet_conversion = false")
+        try:
+            rows = con.execute(
+                f"DESCRIBE SELECT * FROM read_parquet('{_sql_string(str(path))}')"
+            ).fetchall()
+        except duckdb.Error as exc:
+            raise schema.SchemaError(
+                f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})"
+            ) from exc
+        schema.check(path, {row[0]: row[1] for row in rows})
+    finally:
+        con.close()
 
 
 def item_problem(bbox: tuple[float, ...], footprint: BaseGeometry | None) -> str | None:

@@ -113,6 +113,7 @@ class Engine:
             header_timeout=settings.header_read_timeout_s,
         )
         self.compute = ComputePool(settings.compute_workers)
+        self.fetcher.pool = self.compute  # GDAL-decoded assets decode in the pool
         dirs = self.catalog.href_dirs()
         self.policy = AccessPolicy.build(
             self.catalog.path.parent,

@@ -10,6 +10,10 @@ Why this shape:
 - Transient store errors are retried with exponential backoff and full jitter; permanent ones
   (missing file, corrupt header) fail at once. Cancellation is never caught, so a cancelled
   request stops its reads.
+- What async-tiff cannot decode, or decodes unlike GDAL (PackBits, strips, JPEG), is decided
+  per asset when its header opens (`Header.decoder`): those blocks are still fetched here,
+  through the same stores and caches, and decoded by GDAL in the compute pool
+  (core.gdal_decode), never on the event loop and never by GDAL reading the network itself.
 - Hostile files are bounded before native code sees them: core.tiffguard walks each header
   first (IFD loops, absurd counts, sizes, dtypes, scales), a header open has a deadline and is
   cancelled when no request waits for it, a read's decoded size has a budget, DEFLATE tiles
@@ -22,11 +26,12 @@ import asyncio
 import math
 import random
 import re
+import warnings
 import zlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from async_geotiff import GeoTIFF, Overview
@@ -34,9 +39,22 @@ from async_tiff import DecoderRegistry, ImageFileDirectory
 from async_tiff.enums import Compression, PlanarConfiguration
 
 from core.access import AccessPolicy
+from core.gdal_decode import (
+    GDAL_COMPRESSIONS,
+    Blocks,
+    DecodeJob,
+    GdalFile,
+    GdalLevel,
+    decode_blocks,
+    header_ranges,
+    join_segments,
+)
 from core.plan import AssetRead, Header, Level
 from core.stores import Stores
-from core.tiffguard import PrefixStore, check_header
+from core.tiffguard import MAX_HEADER_BYTES, CheckedHeader, PrefixStore, check_header
+
+if TYPE_CHECKING:
+    from core.compute import ComputePool
 
 try:  # zlib-ng inflates ~15% faster than zlib (measured on the demo's DEFLATE tiles)
     from zlib_ng import zlib_ng as _inflate
@@ -110,10 +128,11 @@ class Pixels:
 
 
 def header_of(href: str, geotiff: GeoTIFF) -> Header:
-    """The plain-data header the planner works from."""
+    """The plain-data header the planner works from (tiles, or strips as full-width blocks)."""
     crs = geotiff.crs
     epsg = crs.to_epsg()
     levels = [geotiff, *geotiff.overviews]
+    blocks = [blocks_of(level.ifd) for level in levels]
     return Header(
         href=href,
         crs=f"EPSG:{epsg}" if epsg else crs.to_wkt(),
@@ -126,20 +145,75 @@ def header_of(href: str, geotiff: GeoTIFF) -> Header:
                 transform=level.transform,
                 width=level.width,
                 height=level.height,
-                tile_width=level.tile_width,
-                tile_height=level.tile_height,
-                tile_bytes=_tile_bytes(level),
+                tile_width=b.block_width,
+                tile_height=b.block_height,
+                tile_bytes=_tile_bytes(level, b),
             )
-            for level in levels
+            for level, b in zip(levels, blocks, strict=True)
         ),
+        decoder=decoder_for(geotiff),
     )
 
 
-def _tile_bytes(level: GeoTIFF | Overview) -> tuple[int, ...]:
-    data = list(level.ifd.tile_byte_counts or [])
-    if level.mask_ifd is not None and level.mask_ifd.tile_byte_counts:
-        data = [d + m for d, m in zip(data, level.mask_ifd.tile_byte_counts, strict=False)]
+def blocks_of(ifd: ImageFileDirectory) -> Blocks:
+    """An IFD's internal blocks: its tiles, or its strips (async-geotiff reports a striped
+    image as one tile of the whole image, and cannot read it)."""
+    planes = ifd.samples_per_pixel if ifd.planar_configuration == PlanarConfiguration.Planar else 1
+    if ifd.tile_offsets is not None:
+        return Blocks(
+            width=ifd.image_width,
+            height=ifd.image_height,
+            block_width=ifd.tile_width,
+            block_height=ifd.tile_height,
+            planes=planes,
+            offsets=tuple(ifd.tile_offsets),
+            counts=tuple(ifd.tile_byte_counts or ()),
+        )
+    rows = ifd.rows_per_strip or ifd.image_height
+    return Blocks(
+        width=ifd.image_width,
+        height=ifd.image_height,
+        block_width=ifd.image_width,
+        block_height=min(rows, ifd.image_height),
+        planes=planes,
+        offsets=tuple(ifd.strip_offsets or ()),
+        counts=tuple(ifd.strip_byte_counts or ()),
+    )
+
+
+def decoder_for(geotiff: GeoTIFF) -> str:
+    """ "gdal" when any IFD (levels and masks) is striped or compressed with a codec
+    async-tiff cannot decode or decodes unlike GDAL (GDAL_COMPRESSIONS), else "async-tiff".
+
+    One decoder per asset: its levels and masks are read the same way, so an overview never
+    disagrees with its full resolution because two decoders read them."""
+    for level in (geotiff, *geotiff.overviews):
+        for ifd in (level.ifd, level.mask_ifd):
+            if ifd is None:
+                continue
+            if ifd.tile_offsets is None or int(ifd.compression) in GDAL_COMPRESSIONS:
+                return "gdal"
+    return "async-tiff"
+
+
+def _tile_bytes(level: GeoTIFF | Overview, blocks: Blocks) -> tuple[int, ...]:
+    """Compressed bytes of each block (all planes counted once: plane 0's index)."""
+    data = list(blocks.counts[: blocks.across * blocks.down])
+    if level.mask_ifd is not None:
+        mask = blocks_of(level.mask_ifd).counts
+        if len(mask) == len(data):  # same layout (GDAL writes masks with the data's blocks)
+            data = [d + m for d, m in zip(data, mask, strict=True)]
     return tuple(data)
+
+
+@dataclass(frozen=True)
+class _Asset:
+    """An opened asset: async-geotiff's view, the planner's header and, for GDAL-decoded
+    assets, the header bytes and block layout GDAL needs."""
+
+    geotiff: GeoTIFF
+    header: Header
+    gdal: GdalFile | None = None
 
 
 class _Batch:
@@ -258,9 +332,17 @@ class Fetcher:
         self.max_read_bytes = max_read_bytes
         self.header_timeout = header_timeout
         self._cache: OrderedDict[str, _SharedOpen] = OrderedDict()
+        # GDAL-decoded assets decode here (set by the engine); None: a thread (library use)
+        self.pool: ComputePool | None = None
         self._cache_size = cache_size
         self._retry = {"retries": retries, "base": retry_base, "cap": retry_cap}
-        self.stats = {"header_hits": 0, "header_misses": 0, "reads": 0, "tiles": 0}
+        self.stats = {
+            "header_hits": 0,
+            "header_misses": 0,
+            "reads": 0,
+            "tiles": 0,
+            "gdal_tiles": 0,
+        }
 
     async def _bounded(self, call: Callable[[], Awaitable[T]]) -> T:
         async def once() -> T:
@@ -269,7 +351,7 @@ class Fetcher:
 
         return await with_retries(once, **self._retry)
 
-    async def _opened(self, href: str) -> tuple[GeoTIFF, Header]:
+    async def _opened(self, href: str) -> _Asset:
         """The opened GeoTIFF and its header, from the LRU cache when possible.
 
         The open is one task shared by every caller; it has a deadline (`header_timeout`) and
@@ -303,7 +385,7 @@ class Fetcher:
                 if self._cache.get(href) is shared:
                     del self._cache[href]
 
-    async def _open_checked(self, href: str) -> tuple[GeoTIFF, Header]:
+    async def _open_checked(self, href: str) -> _Asset:
         """Guard the header (core.tiffguard), then let async-geotiff parse it from the bytes
         the guard read: no native reader sees a header that claims too much, and an ordinary
         COG costs no extra round trip.
@@ -320,18 +402,70 @@ class Fetcher:
                 checked = await self._bounded(lambda: check_header(store, path, href))
                 prefixed = PrefixStore(store, path, checked.prefix, checked.size)
                 try:
-                    geotiff = await self._bounded(
-                        lambda: GeoTIFF.open(
-                            path, store=prefixed, prefetch=max(len(checked.prefix), 1)
+                    with warnings.catch_warnings():
+                        # "Striped GeoTIFFs are not supported": GDAL decodes those here
+                        warnings.simplefilter("ignore", UserWarning)
+                        geotiff = await self._bounded(
+                            lambda: GeoTIFF.open(
+                                path, store=prefixed, prefetch=max(len(checked.prefix), 1)
+                            )
                         )
-                    )
                 finally:
                     prefixed.release()
+                header = header_of(href, geotiff)
+                gdal = None
+                if header.decoder == "gdal":
+                    gdal = await self._gdal_file(store, path, checked, geotiff)
         except TimeoutError as exc:
             raise FetchError(
                 f"{href}: header not read within {self.header_timeout:g} s; refused"
             ) from exc
-        return geotiff, header_of(href, geotiff)
+        return _Asset(geotiff, header, gdal)
+
+    async def _gdal_file(
+        self, store: Any, path: str, checked: CheckedHeader, geotiff: GeoTIFF
+    ) -> GdalFile:
+        """What a GDAL decode of this asset needs, kept with its header: the header bytes
+        GDAL's open reads (the guard read them already, except tag values far from the start
+        that no check needed: those are fetched now, bounded by MAX_HEADER_BYTES) and each
+        level's blocks."""
+        levels = tuple(
+            GdalLevel(
+                data=blocks_of(level.ifd),
+                mask=None if level.mask_ifd is None else blocks_of(level.mask_ifd),
+            )
+            for level in (geotiff, *geotiff.overviews)
+        )
+        ends = [end for _, end in checked.extents]
+        for lv in levels:
+            for b in (lv.data, lv.mask):
+                if b is not None:
+                    ends += [o + c for o, c in zip(b.offsets, b.counts, strict=False) if c]
+        # the file's size: known from a short read, else its last referenced byte (nothing
+        # past it is part of the image)
+        size = checked.size if checked.size is not None else max(ends, default=0)
+        wanted = header_ranges(checked.extents, size)
+        known = [(0, checked.prefix), *checked.segments]
+        missing = [(s, e) for s, e in wanted if checked.known(s, e) is None]
+        if missing:  # tag values or pages no check read: one more request, bounded
+            if sum(e - s for s, e in missing) > MAX_HEADER_BYTES:
+                raise FetchError(f"{path}: GDAL header beyond {MAX_HEADER_BYTES:,} bytes")
+            chunks = await self._bounded(
+                lambda: store.get_ranges_async(
+                    path, starts=[s for s, _ in missing], ends=[e for _, e in missing]
+                )
+            )
+            known += [(s, bytes(c)) for (s, _), c in zip(missing, chunks, strict=True)]
+        joined = join_segments(known)
+
+        def read(start: int, end: int) -> bytes:
+            for s, d in joined:
+                if s <= start and end <= s + len(d):
+                    return d[start - s : end - s]
+            raise FetchError(f"{path}: header bytes {start:,}..{end:,} were not read")
+
+        header = tuple((s, read(s, e)) for s, e in wanted)
+        return GdalFile(size=size, header=header, levels=levels)
 
     def clear_caches(self) -> None:
         """Forget opened headers and decoded tiles (files changed underneath)."""
@@ -339,10 +473,10 @@ class Fetcher:
         self.tiles = TileCache(self.tiles.max_bytes)
 
     async def open(self, href: str) -> GeoTIFF:
-        return (await self._opened(href))[0]
+        return (await self._opened(href)).geotiff
 
     async def header(self, href: str) -> Header:
-        return (await self._opened(href))[1]
+        return (await self._opened(href)).header
 
     async def read(self, read: AssetRead, *, nodata: float | None = None) -> Pixels:
         """Decode one planned window from its internal tiles; `nodata` overrides the file's.
@@ -350,7 +484,8 @@ class Fetcher:
         Tiles already in the tile cache (fetched for another read) are reused; the others are
         fetched in one coalesced request.
         """
-        geotiff = await self.open(read.href)
+        asset = await self._opened(read.href)
+        geotiff = asset.geotiff
         level = geotiff if read.level == 0 else geotiff.overviews[read.level - 1]
         decoded_bytes = len(read.tiles) * _tile_decoded_bytes(level)
         if decoded_bytes > self.max_read_bytes:
@@ -360,9 +495,10 @@ class Fetcher:
                 f"{self.max_read_bytes / 2**20:,.0f} MiB"
             )
         self.stats["reads"] += 1
-        decoded = await self._tiles(read, level)
+        decoded = await self._tiles(read, level, asset)
         col, row, width, height = read.window
-        tw, th = level.tile_width, level.tile_height
+        header_level = asset.header.levels[read.level]
+        tw, th = header_level.tile_width, header_level.tile_height
         first = decoded[0][0]
         data = np.empty((first.shape[0], height, width), dtype=first.dtype)
         mask = None if decoded[0][1] is None else np.empty((height, width), dtype=bool)
@@ -385,14 +521,18 @@ class Fetcher:
         return Pixels(data=data, valid=valid)
 
     async def _tiles(
-        self, read: AssetRead, level: GeoTIFF | Overview
+        self, read: AssetRead, level: GeoTIFF | Overview, asset: _Asset
     ) -> list[tuple[np.ndarray, np.ndarray | None]]:
         cache = self.tiles
         size = _tile_decoded_bytes(level)
         batches = [cache.get((read.href, read.level, xy)) for xy in read.tiles]
         missing = [xy for xy, batch in zip(read.tiles, batches, strict=True) if batch is None]
         if missing:
-            batch = _Batch(asyncio.ensure_future(self._fetch_tiles(level, missing)))
+            if asset.gdal is not None:
+                fetch = self._fetch_gdal(read, asset.gdal, missing)
+            else:
+                fetch = self._fetch_tiles(level, missing)
+            batch = _Batch(asyncio.ensure_future(fetch))
             for xy in missing:
                 cache.put((read.href, read.level, xy), batch, size)
             batches = [b or batch for b in batches]
@@ -406,6 +546,44 @@ class Fetcher:
         self.stats["tiles"] += len(fetched)
         return fetched
 
+    async def _fetch_gdal(
+        self, read: AssetRead, gdal: GdalFile, xys: list[tuple[int, int]]
+    ) -> dict:
+        """Fetch the blocks (data planes and mask) under tiles `xys` through our own store
+        (bounded, retried, access-checked) and decode them with GDAL in the compute pool:
+        {(x, y): (data, mask or None)}."""
+        store, path = self.stores.get(read.href)
+        ranges = gdal.ranges(read.level, xys)
+        fetched: list[tuple[int, bytes]] = []
+        if ranges:
+            chunks = await self._bounded(
+                lambda: store.get_ranges_async(
+                    path, starts=[s for s, _ in ranges], ends=[e for _, e in ranges]
+                )
+            )
+            fetched = [(s, bytes(c)) for (s, _), c in zip(ranges, chunks, strict=True)]
+        lv = gdal.levels[read.level]
+        job = DecodeJob(
+            name=read.href,
+            size=gdal.size,
+            segments=join_segments([*gdal.header, *fetched]),
+            level=read.level,
+            count=read.count,
+            width=lv.data.width,
+            height=lv.data.height,
+            block_width=lv.data.block_width,
+            block_height=lv.data.block_height,
+            xys=tuple(xys),
+            mask=lv.mask is not None,
+        )
+        if self.pool is not None:
+            decoded = await self.pool.run(decode_blocks, job)
+        else:
+            decoded = await asyncio.to_thread(decode_blocks, job)
+        self.stats["tiles"] += len(decoded)
+        self.stats["gdal_tiles"] += len(decoded)
+        return decoded
+
 
 class _SharedOpen:
     """A header open shared by every request that wants it, with the count of waiters."""
@@ -416,21 +594,23 @@ class _SharedOpen:
 
 
 def _chunk_bytes(ifd: ImageFileDirectory) -> int:
-    """Bytes one compressed chunk of `ifd` decodes to: a whole tile when pixel-interleaved,
-    one band of it when planar. core.tiffguard has bounded every factor."""
+    """Bytes one compressed chunk (tile or strip) of `ifd` decodes to: the whole block when
+    pixel-interleaved, one band of it when planar. core.tiffguard has bounded every factor."""
     bits = ifd.bits_per_sample[0]
     planar = ifd.planar_configuration == PlanarConfiguration.Planar
     samples = 1 if planar else ifd.samples_per_pixel
-    return math.ceil(ifd.tile_width * samples * bits / 8) * ifd.tile_height
+    b = blocks_of(ifd)
+    return math.ceil(b.block_width * samples * bits / 8) * b.block_height
 
 
 def _tile_decoded_bytes(level: GeoTIFF | Overview) -> int:
-    """Decoded bytes of one internal tile of `level`: every band, plus its mask."""
+    """Decoded bytes of one internal tile (or strip) of `level`: every band, plus its mask."""
     ifd = level.ifd
     planes = ifd.samples_per_pixel if ifd.planar_configuration == PlanarConfiguration.Planar else 1
     size = _chunk_bytes(ifd) * planes
     if level.mask_ifd is not None:
-        size += level.tile_width * level.tile_height  # decoded to one byte per pixel
+        b = blocks_of(ifd)
+        size += b.block_width * b.block_height  # decoded to one byte per pixel
     return size
 
 

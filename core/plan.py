@@ -166,6 +166,9 @@ class Header:
     nodata: float | None
     has_mask: bool
     levels: tuple[Level, ...]  # finest first
+    # who decodes the blocks: async-tiff, or GDAL in the compute pool for what async-tiff
+    # cannot decode or decodes differently (core.gdal_decode.decoder_for)
+    decoder: str = "async-tiff"
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,7 @@ class AssetRead:
     dtype: str
     nodata: float | None
     has_mask: bool
+    decoder: str = "async-tiff"  # Header.decoder
 
 
 @dataclass(frozen=True)
@@ -257,7 +261,7 @@ class ReadPlan:
                 lines.append(
                     f"       {r.asset}: level {r.level} (res {r.res:.3g}) window "
                     f"col={r.window[0]} row={r.window[1]} {r.window[2]}x{r.window[3]} "
-                    f"tiles={len(r.tiles)} ({r.bytes:,} B) {r.dtype}x{r.count} {r.href}"
+                    f"tiles={len(r.tiles)} ({r.bytes:,} B) {r.dtype}x{r.count} {r.decoder} {r.href}"
                 )
         for item_id, why in self.skipped:
             lines.append(f"  skipped {item_id}: {why}")
@@ -338,6 +342,7 @@ def plan_asset(asset: str, header: Header, grid: Grid, resampling: str) -> Asset
         dtype=header.dtype,
         nodata=header.nodata,
         has_mask=header.has_mask,
+        decoder=header.decoder,
     )
 
 

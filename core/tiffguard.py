@@ -10,6 +10,10 @@ same obspec store async-geotiff will use), refuses anything beyond the limits be
 It costs no extra round trip on a normal COG: the bytes it read are returned as a
 `PrefixStore` that serves async-geotiff's header reads from memory (see core.fetch).
 
+Strips (untiled files) are checked like tiles, as blocks of image width x RowsPerStrip; GDAL
+decodes them (core.gdal_decode). The walk also records where every IFD and tag value lies
+(`CheckedHeader.extents`): the header bytes a GDAL decode of the file needs.
+
 Every limit is a module constant with the reason for its value; together they bound what one
 header and one decoded tile can cost.
 """
@@ -75,7 +79,7 @@ ALLOWED_SAMPLES = {
 ALLOWED_COMPRESSION = {1, 5, 7, 8, 32773, 32946, 34887, 34925, 50000, 50001}
 
 _NEW_SUBFILE, _WIDTH, _HEIGHT, _BITS, _COMPRESSION = 254, 256, 257, 258, 259
-_STRIP_OFFSETS, _SAMPLES, _PLANAR = 273, 277, 284
+_STRIP_OFFSETS, _SAMPLES, _ROWS_PER_STRIP, _STRIP_COUNTS, _PLANAR = 273, 277, 278, 279, 284
 _TILE_WIDTH, _TILE_HEIGHT, _TILE_OFFSETS, _TILE_COUNTS = 322, 323, 324, 325
 _SAMPLE_FORMAT, _PIXEL_SCALE, _TIEPOINT, _TRANSFORMATION = 339, 33550, 33922, 34264
 _MASK_SUBFILE = 4  # NewSubfileType bit: transparency mask
@@ -108,6 +112,8 @@ _READ = {
     _COMPRESSION,
     _STRIP_OFFSETS,
     _SAMPLES,
+    _ROWS_PER_STRIP,
+    _STRIP_COUNTS,
     _PLANAR,
     _TILE_WIDTH,
     _TILE_HEIGHT,
@@ -138,6 +144,7 @@ class LevelLimits:
     tile_decoded: int  # bytes one decoded tile (all its samples) takes
     chunk_decoded: int  # bytes one compressed chunk inflates to (a tile, or one plane)
     mask: bool
+    striped: bool = False  # blocks are strips: tile width = image width, height = RowsPerStrip
 
 
 @dataclass(frozen=True)
@@ -149,6 +156,21 @@ class CheckedHeader:
     bytes_read: int
     requests: int
     ifds: tuple[LevelLimits, ...]
+    # (start, end) of every IFD and out-of-line tag value, read by the checks or not: the
+    # header a GDAL open reads (core.gdal_decode), found without a second walk
+    extents: tuple[tuple[int, int], ...] = ()
+    segments: tuple[tuple[int, bytes], ...] = ()  # bytes read outside the prefix
+
+    def known(self, start: int, end: int) -> bytes | None:
+        """Bytes [start, end) when the check read them (clipped to a known file end)."""
+        if self.size is not None:
+            end = min(end, self.size)
+        if end <= len(self.prefix):
+            return self.prefix[start:end]
+        for seg_start, seg in self.segments:
+            if seg_start <= start and end <= seg_start + len(seg):
+                return seg[start - seg_start : end - seg_start]
+        return None
 
 
 class _Source:
@@ -163,6 +185,7 @@ class _Source:
         self.read_total = 0
         self.claimed = 0  # out-of-line tag bytes the IFDs claim
         self.requests = 0
+        self.extents: list[tuple[int, int]] = []  # IFDs and out-of-line tag values
 
     async def _fetch(self, start: int, end: int) -> bytes:
         if self.size is not None:
@@ -248,6 +271,8 @@ async def check_header(store: Any, path: str, href: str) -> CheckedHeader:
         bytes_read=src.read_total,
         requests=src.requests,
         ifds=tuple(ifds),
+        extents=tuple(src.extents),
+        segments=tuple(src.segments),
     )
 
 
@@ -262,6 +287,7 @@ async def _read_ifd(
         raise HostileTiff(f"{src.href}: IFD at {offset} has {n} tags (MAX_TAGS {MAX_TAGS})")
     start = offset + (8 if big else 2)
     body = await src.get(start, n * entry_size + (8 if big else 4))
+    src.extents.append((offset, start + len(body)))
     inline = 8 if big else 4
     tags: dict[int, tuple[int, int, list]] = {}
     for i in range(n):
@@ -273,7 +299,7 @@ async def _read_ifd(
             continue  # an unknown type: readers skip it too
         code, size = _TYPES[typ]
         nbytes = count * size
-        tile_array = tag in (_TILE_OFFSETS, _TILE_COUNTS)
+        tile_array = tag in _BLOCK_ARRAYS
         if count > MAX_TILES * MAX_SAMPLES if tile_array else nbytes > MAX_TAG_BYTES:
             raise HostileTiff(
                 f"{src.href}: {_name(tag)} claims {count:,} values ({nbytes:,} bytes); refused"
@@ -281,6 +307,8 @@ async def _read_ifd(
         if nbytes > inline:
             # every out-of-line value a native reader would load counts, read here or not
             src.claimed += nbytes
+            (at,) = struct.unpack(order + ("Q" if big else "I"), value)
+            src.extents.append((at, at + nbytes))
             if src.claimed > MAX_HEADER_BYTES:
                 raise HostileTiff(
                     f"{src.href}: tag values take more than {MAX_HEADER_BYTES:,} bytes "
@@ -292,13 +320,14 @@ async def _read_ifd(
         if nbytes <= inline:
             raw = value[:nbytes]
         else:
-            (at,) = struct.unpack(order + ("Q" if big else "I"), value)
             raw = await src.get(at, nbytes)
         items = count * (2 if typ in (5, 10) else 1)
         tags[tag] = (typ, count, list(struct.unpack(f"{order}{items}{code}", raw)))
     (following,) = struct.unpack(order + next_fmt, body[n * entry_size :])
     return tags, following
 
+
+_BLOCK_ARRAYS = (_TILE_OFFSETS, _TILE_COUNTS, _STRIP_OFFSETS, _STRIP_COUNTS)
 
 _NAMES = {
     _WIDTH: "ImageWidth",
@@ -309,6 +338,9 @@ _NAMES = {
     _TILE_HEIGHT: "TileLength",
     _TILE_OFFSETS: "TileOffsets",
     _TILE_COUNTS: "TileByteCounts",
+    _STRIP_OFFSETS: "StripOffsets",
+    _STRIP_COUNTS: "StripByteCounts",
+    _ROWS_PER_STRIP: "RowsPerStrip",
     _SAMPLE_FORMAT: "SampleFormat",
     _PIXEL_SCALE: "ModelPixelScale",
     _TRANSFORMATION: "ModelTransformation",
@@ -341,15 +373,24 @@ def _check_ifd(
             f"{where}: image width x height {width:,} x {height:,} exceeds {MAX_SIDE:,} "
             "per side (MAX_SIDE)"
         )
-    if _TILE_WIDTH not in tags or _TILE_OFFSETS not in tags:
-        what = "striped (not tiled)" if _STRIP_OFFSETS in tags else "not tiled"
-        raise HostileTiff(f"{where}: {what}; Terrazzo reads tiled COGs only")
-    tw, th = one(_TILE_WIDTH), one(_TILE_HEIGHT)
-    if not (0 < tw <= MAX_TILE_SIDE and 0 < th <= MAX_TILE_SIDE and tw % 16 == 0 == th % 16):
-        raise HostileTiff(
-            f"{where}: tile width x height {tw} x {th}: must be multiples of 16 up to "
-            f"{MAX_TILE_SIDE} (MAX_TILE_SIDE)"
-        )
+    striped = _TILE_WIDTH not in tags and _TILE_OFFSETS not in tags and _STRIP_OFFSETS in tags
+    if striped:
+        # a strip is a block as wide as the image (GDAL decodes them, core.gdal_decode); its
+        # decoded size is bounded by MAX_TILE_DECODED below like a tile's
+        offsets_tag, counts_tag, block = _STRIP_OFFSETS, _STRIP_COUNTS, "strip"
+        tw, th = width, min(one(_ROWS_PER_STRIP, height), height)
+        if th <= 0:
+            raise HostileTiff(f"{where}: RowsPerStrip {th}")
+    else:
+        if _TILE_WIDTH not in tags or _TILE_OFFSETS not in tags:
+            raise HostileTiff(f"{where}: neither tiled nor striped (no TileOffsets)")
+        offsets_tag, counts_tag, block = _TILE_OFFSETS, _TILE_COUNTS, "tile"
+        tw, th = one(_TILE_WIDTH), one(_TILE_HEIGHT)
+        if not (0 < tw <= MAX_TILE_SIDE and 0 < th <= MAX_TILE_SIDE and tw % 16 == 0 == th % 16):
+            raise HostileTiff(
+                f"{where}: tile width x height {tw} x {th}: must be multiples of 16 up to "
+                f"{MAX_TILE_SIDE} (MAX_TILE_SIDE)"
+            )
     samples = one(_SAMPLES, 1)
     if not 0 < samples <= MAX_SAMPLES:
         raise HostileTiff(
@@ -375,34 +416,35 @@ def _check_ifd(
     planes = samples if planar == 2 else 1
     if across * down > MAX_TILES:
         raise HostileTiff(
-            f"{where}: {across * down:,} tiles of {tw} x {th}; at most {MAX_TILES:,} (MAX_TILES)"
+            f"{where}: {across * down:,} {block}s of {tw} x {th}; at most {MAX_TILES:,} (MAX_TILES)"
         )
     row_bytes = math.ceil(tw * (samples // planes) * pair[1] / 8)
     chunk = row_bytes * th
     decoded = chunk * planes
     if decoded > MAX_TILE_DECODED:
         raise HostileTiff(
-            f"{where}: one {tw} x {th} tile of {samples} samples decodes to {decoded:,} bytes; "
-            f"at most {MAX_TILE_DECODED:,} (MAX_TILE_DECODED)"
+            f"{where}: one {tw} x {th} {block} of {samples} samples decodes to {decoded:,} "
+            f"bytes; at most {MAX_TILE_DECODED:,} (MAX_TILE_DECODED)"
         )
     expected = across * down * planes
-    offsets = tags[_TILE_OFFSETS][2]
-    counts = tags.get(_TILE_COUNTS, (0, 0, []))[2]
+    offsets = tags[offsets_tag][2]
+    counts = tags.get(counts_tag, (0, 0, []))[2]
     if len(offsets) != expected or len(counts) != expected:
         raise HostileTiff(
-            f"{where}: TileOffsets has {len(offsets):,} and TileByteCounts {len(counts):,} "
-            f"entries; {across} x {down} tiles x {planes} planes need {expected:,}"
+            f"{where}: {_name(offsets_tag)} has {len(offsets):,} and {_name(counts_tag)} "
+            f"{len(counts):,} entries; {across} x {down} {block}s x {planes} planes need "
+            f"{expected:,}"
         )
     most = int(chunk * MAX_COMPRESSION_OVERHEAD) + COMPRESSED_SLACK
     for i, (start, count) in enumerate(zip(offsets, counts, strict=True)):
         if count > most:
             raise HostileTiff(
-                f"{where}: tile {i} byte count {count:,} exceeds {most:,} for a "
-                f"{chunk:,}-byte tile (MAX_COMPRESSION_OVERHEAD)"
+                f"{where}: {block} {i} byte count {count:,} exceeds {most:,} for a "
+                f"{chunk:,}-byte {block} (MAX_COMPRESSION_OVERHEAD)"
             )
         if size is not None and count and start + count > size:
             raise HostileTiff(
-                f"{where}: truncated file: tile {i} needs bytes {start:,}..{start + count:,} "
+                f"{where}: truncated file: {block} {i} needs bytes {start:,}..{start + count:,} "
                 f"but the file has {size:,}"
             )
     if index == 0:
@@ -415,6 +457,7 @@ def _check_ifd(
         tile_decoded=decoded,
         chunk_decoded=chunk,
         mask=is_mask,
+        striped=striped,
     )
 
 

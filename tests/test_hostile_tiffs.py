@@ -141,13 +141,17 @@ _LEGIT = {
     "zstd": {"driver": "COG", "compress": "ZSTD"},
     "webp": {"driver": "COG", "compress": "WEBP", "QUALITY": 100},
     "uncompressed": {"driver": "COG", "compress": "NONE"},
+    # decoded by GDAL (core.gdal_decode); the guard bounds strips like tiles
+    "striped": {"driver": "GTiff", "compress": "DEFLATE"},
+    "packbits": {"driver": "GTiff", "tiled": True, "compress": "PACKBITS"},
 }
 
 
 @pytest.mark.parametrize("kind", [*_LEGIT, "internal_mask"])
 async def test_guard_admits_real_gdal_files(tmp_path: Path, kind: str) -> None:
     """The limits refuse only hostile claims: GDAL's BigTIFF, band-interleaved, LZW, ZSTD,
-    WebP, uncompressed and 1-bit internal-mask files pass, in one request, and read exactly."""
+    WebP, uncompressed, striped, PackBits and 1-bit internal-mask files pass, in one request,
+    and read exactly."""
     data = (np.arange(3 * 600 * 700) % 251 + 1).astype("uint8").reshape(3, 600, 700)
     path = tmp_path / f"{kind}.tif"
     mask = None

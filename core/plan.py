@@ -1,7 +1,7 @@
 """Plan stage: turn "this output grid from these items" into an explicit read plan.
 
 The plan is plain data: for each item (in mosaic order) and asset, which COG level to read
-(the coarsest whose pixel is not coarser than the output pixel), which source window (clipped:
+(GDAL's choice, so tiles equal TiTiler's: see `choose_level`), which source window (clipped:
 COG readers have no boundless reads), and which internal tiles that window touches. It can be
 printed (`terrazzo plan`, `/plan/...`) so a user can see why a tile is slow, and it is what the
 fetch and compute stages execute — nothing else decides what to read.
@@ -9,7 +9,9 @@ fetch and compute stages execute — nothing else decides what to read.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -23,7 +25,15 @@ from core.catalog import Item
 RESAMPLING = ("nearest", "bilinear", "cubic", "average")
 # Source pixels needed beyond the footprint so the kernel sees its neighbours at the edges.
 _MARGIN = {"nearest": 1, "bilinear": 2, "cubic": 3, "average": 2}
-_OVERVIEW_TOLERANCE = 1.001  # float noise must not push a read to a finer level
+# GDAL's overview choice (VRTWarpedRasterBand::GetBestOverviewLevel for warped reads,
+# GDALBandGetBestOverviewLevel2 in a COG's own CRS): the most reduced overview whose reduction
+# is below the wanted one times a threshold — 1.2 for nearest, 1.0 for the other kernels —
+# plus 0.1. That is the rule of the GDAL in rasterio's wheel (3.10.3), measured on both paths
+# (tests/test_plan.py, tests/test_overviews.py); later GDALs drop the 0.1 and nudge 1.0 to
+# 1.01. GDAL_OVERVIEW_OVERSAMPLING_THRESHOLD replaces the threshold, as in GDAL and TiTiler.
+_NEAREST_OVERSAMPLING = 1.2
+_OVERSAMPLING = 1.0
+_OVERSAMPLING_MARGIN = 0.1
 
 Bounds = tuple[float, float, float, float]
 
@@ -277,12 +287,107 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:500]
 
 
-def choose_level(levels: tuple[Level, ...], target_res: float) -> int:
-    """The coarsest level whose pixel is not coarser than the target pixel (0 if none is)."""
-    best = 0
-    for index, level in enumerate(levels):
-        if level.res <= target_res * _OVERVIEW_TOLERANCE:
-            best = index
+def oversampling_threshold(resampling: str) -> float:
+    """How much coarser than the output pixel an overview may be, as GDAL decides it.
+
+    Nearest takes an overview up to 1.2x coarser (no kernel smooths over the gap, and fewer
+    bytes win); the interpolating kernels one that is not coarser. GDAL's
+    GDAL_OVERVIEW_OVERSAMPLING_THRESHOLD overrides both, here as in TiTiler."""
+    value = _NEAREST_OVERSAMPLING if resampling == "nearest" else _OVERSAMPLING
+    configured = os.environ.get("GDAL_OVERVIEW_OVERSAMPLING_THRESHOLD")
+    if configured:
+        with contextlib.suppress(ValueError):  # GDAL would read garbage as 0: keep ours
+            value = float(configured)
+    return value
+
+
+@lru_cache(maxsize=8192)
+def natural_res(
+    crs: str, transform: tuple[float, ...], width: int, height: int, dst_crs: str
+) -> tuple[float, float] | None:
+    """The image's natural (x, y) pixel size in `dst_crs`, or None if GDAL cannot say.
+
+    This is GDALSuggestedWarpOutput2 over the whole image, the grid gdalwarp and rio-tiler's
+    WarpedVRT call full resolution: overview choice in another CRS is measured in its pixels.
+    GDAL itself computes it (its edge sampling and border adjustments are not worth copying);
+    ~1 ms, once per image and output CRS."""
+    from rasterio.warp import calculate_default_transform  # GDAL: only the server needs it
+
+    t = Affine(*transform)
+    xs, ys = zip(t * (0, 0), t * (width, height), strict=True)
+    try:
+        out, _, _ = calculate_default_transform(
+            crs, dst_crs, width, height, min(xs), min(ys), max(xs), max(ys)
+        )
+    except Exception:  # outside the target CRS's domain, or a CRS GDAL does not know
+        return None
+    return abs(out.a), abs(out.e)
+
+
+def downsampling(header: Header, grid: Grid) -> tuple[float, tuple[int, int] | None]:
+    """Full-resolution pixels per output pixel, measured where GDAL measures it.
+
+    In the image's own CRS, GDAL's RasterIO compares pixel sizes directly. In another CRS, GDAL
+    (rio-tiler, TiTiler, gdalwarp) warps through a VRT at the image's natural resolution in the
+    output CRS and downsamples that VRT, so the ratio is counted in output pixels: at 46°N a
+    degree of longitude is 0.69 of a degree of latitude, and comparing degrees would read an
+    overview two times too fine. Returns the factor on GDAL's axis (the less reduced one) and the
+    VRT's size (None in the image's own CRS), which sizes GDAL's warped overviews."""
+    base = header.levels[0]
+    gx, gy = abs(grid.transform.a), abs(grid.transform.e)
+    natural = None
+    if header.crs != grid.crs:
+        natural = natural_res(
+            header.crs, tuple(base.transform)[:6], base.width, base.height, grid.crs
+        )
+    if natural is None:
+        if header.crs == grid.crs:
+            fx, fy = gx / abs(base.transform.a), gy / abs(base.transform.e)
+        else:  # GDAL cannot size the image in the grid's CRS: fall back to source units
+            try:
+                left, bottom, right, top = reproject_bounds(grid.bounds, grid.crs, header.crs)
+            except Exception:
+                return 1.0, None
+            fx = (right - left) / grid.width / abs(base.transform.a)
+            fy = (top - bottom) / grid.height / abs(base.transform.e)
+        warped = None
+    else:
+        # rio-tiler sizes the VRT at the natural resolution, or the output's when finer
+        vrt_w = max(1, round(grid.width * gx / min(natural[0], gx)))
+        vrt_h = max(1, round(grid.height * gy / min(natural[1], gy)))
+        fx, fy = vrt_w / grid.width, vrt_h / grid.height
+        warped = (vrt_w, vrt_h)
+    factor = fx if fx < fy or grid.height == 1 else fy
+    return (factor if math.isfinite(factor) else 1.0), warped
+
+
+def choose_level(
+    levels: tuple[Level, ...],
+    factor: float,
+    resampling: str = "nearest",
+    warped: tuple[int, int] | None = None,
+) -> int:
+    """GDAL's overview: the most reduced level whose reduction stays under `factor` times the
+    oversampling threshold (0 when none does, or when the read does not downsample).
+
+    Level k's reduction is measured as GDAL measures it: the COG's own size ratio, or, through
+    a warped VRT of size `warped`, that VRT's overview k (rounded to whole pixels)."""
+    if factor <= 1:
+        return 0
+    limit = factor * oversampling_threshold(resampling) + _OVERSAMPLING_MARGIN
+    base = levels[0]
+    best, best_reduction = 0, 0.0
+    for index, level in enumerate(levels[1:], 1):
+        if warped is None:
+            reduction = min(base.width / level.width, base.height / level.height)
+        else:
+            ratio = base.width / level.width
+            width, height = int(warped[0] / ratio + 0.5), int(warped[1] / ratio + 0.5)
+            if width < 1 or height < 1:
+                break
+            reduction = min(warped[0] / width, warped[1] / height)
+        if reduction < limit and reduction > best_reduction:
+            best, best_reduction = index, reduction
     return best
 
 
@@ -294,8 +399,8 @@ def plan_asset(asset: str, header: Header, grid: Grid, resampling: str) -> Asset
         return None
     if not all(math.isfinite(v) for v in (left, bottom, right, top)):
         return None
-    target_res = min((right - left) / grid.width, (top - bottom) / grid.height)
-    level_index = choose_level(header.levels, target_res)
+    factor, warped = downsampling(header, grid)
+    level_index = choose_level(header.levels, factor, resampling, warped)
     level = header.levels[level_index]
     margin = _MARGIN[resampling]
     window = pixel_window(

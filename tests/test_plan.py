@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
-from affine import Affine
+from pathlib import Path
 
-from core.plan import Grid, Header, Level, TileError, choose_level, plan_asset, tile_grid
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+from rasterio.enums import Resampling
+
+from core.cogs import write_cog
+from core.plan import Grid, Header, Level, TileError, plan_asset, tile_grid
 
 
 def header(width: int = 2048, res: float = 10.0, levels: int = 3) -> Header:
@@ -28,14 +34,46 @@ def header(width: int = 2048, res: float = 10.0, levels: int = 3) -> Header:
     )
 
 
-def test_choose_level_coarsest_not_coarser_than_target() -> None:
-    levels = header().levels  # 10, 20, 40 m
-    assert choose_level(levels, 5) == 0
-    assert choose_level(levels, 10) == 0
-    assert choose_level(levels, 19.9) == 0
-    assert choose_level(levels, 20) == 1
-    assert choose_level(levels, 39) == 1
-    assert choose_level(levels, 1000) == 2
+def gdal_read_level(path: Path, out: int, resampling: str) -> int:
+    """The level GDAL's RasterIO reads for the whole image at `out` x `out` (same CRS: no
+    warping, GDALBandGetBestOverviewLevel2), found as the level whose own read at that shape
+    gives the same pixels."""
+    with rasterio.open(path) as src:
+        want = src.read(1, out_shape=(out, out), resampling=Resampling[resampling])
+        count = len(src.overviews(1))
+    for k in range(count + 1):  # each level alone: no overviews of its own to fall back on
+        with rasterio.open(path, OVERVIEW_LEVEL=f"{k - 1} only" if k else "NONE") as level:
+            got = level.read(1, out_shape=(out, out), resampling=Resampling[resampling])
+        if np.array_equal(got, want):
+            return k
+    raise AssertionError("no level reproduces GDAL's read")
+
+
+@pytest.mark.parametrize(
+    ("resampling", "threshold"),
+    [("nearest", None), ("bilinear", None), ("cubic", None), ("average", None), ("nearest", "1.5")],
+)
+def test_level_in_the_images_own_crs_is_gdals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resampling: str, threshold: str | None
+) -> None:
+    """Swept across every switch point; GDAL_OVERVIEW_OVERSAMPLING_THRESHOLD set for both."""
+    if threshold:
+        monkeypatch.setenv("GDAL_OVERVIEW_OVERSAMPLING_THRESHOLD", threshold)
+    data = np.random.default_rng(0).integers(0, 60000, (1, 1024, 1024)).astype("uint16")
+    transform = Affine(10, 0, 500000, 0, -10, 5000000)
+    path = write_cog(tmp_path / "a.tif", data, crs="EPSG:32632", transform=transform, blocksize=128)
+    with rasterio.open(path) as src:
+        levels = [src.width] + [src.width // f for f in src.overviews(1)]
+    h = header(width=1024, levels=len(levels))
+    ours, gdals = [], []
+    for out in range(1000, 60, -11):  # reductions from 1.02 to 16, across every switch
+        grid = Grid(h.crs, Affine(10 * 1024 / out, 0, 500000, 0, -10 * 1024 / out, 5e6), out, out)
+        read = plan_asset("a", h, grid, resampling)
+        assert read is not None
+        ours.append(read.level)
+        gdals.append(gdal_read_level(path, out, resampling))
+    assert ours == gdals
+    assert len(set(gdals)) == len(levels)
 
 
 def test_window_is_clipped_and_tiles_listed() -> None:

@@ -289,7 +289,12 @@ class TileCache:
 def valid_mask(
     data: np.ndarray, mask: np.ndarray | None, nodata: float | None, alpha: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(data without alpha band, validity) following GDAL's order: mask, nodata, alpha, NaN."""
+    """(data without alpha band, validity) following GDAL's order: mask, nodata, alpha, NaN.
+
+    A pixel is nodata only when every band equals nodata (or every band is NaN): GDAL's
+    warper does so by default (UNIFIED_SRC_NODATA=YES) and rio-tiler's mask is "any band
+    valid", so [11, 0, 0] with nodata 0 is valid in both (tests/test_decode_fallback.py
+    checks the table on rio-tiler's tiles). An alpha band or a mask decides alone."""
     if alpha is not None:
         valid = data[alpha] != 0
         data = np.delete(data, alpha, axis=0)

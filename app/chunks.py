@@ -59,6 +59,9 @@ class ChunksRequest(BaseModel):
     resampling: str = "nearest"
     dtype: str | None = Field(None, description="Output dtype, e.g. float32 (default: the data's).")
     nodata: float | None = Field(None, description="Override the files' nodata value.")
+    unscale: bool = Field(
+        False, description="Apply each band's scale/offset (the file's, else raster:bands)."
+    )
     group_by: Literal[GROUP_BY] | None = Field(  # type: ignore[valid-type]
         None, description="A time axis: one layer per day, month, year, datetime or item."
     )
@@ -110,6 +113,7 @@ async def chunks(request: Request, body: ChunksRequest) -> Any:
         method=body.method.lower(),
         resampling=body.resampling.lower(),
         nodata=body.nodata,
+        unscale=body.unscale,
     )
     results = stream_chunks(
         engine,

@@ -30,6 +30,21 @@ def _numbers(name: str, values: tuple[str, ...], kind: type) -> tuple:
         raise ParamError(f"{name}: expected {kind.__name__} values, got {list(values)}") from exc
 
 
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def _boolean(name: str, value: str | None) -> bool:
+    """TiTiler's boolean spellings; anything else is a 400 naming the parameter (a silent
+    `false` would serve raw values to a client that asked for physical ones)."""
+    if value is None:
+        return False
+    text = value.strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ParamError(f"{name}: expected true or false, got {value!r}")
+
+
 @dataclass(frozen=True)
 class RenderParams:
     rescale: tuple[tuple[float, float], ...] = ()
@@ -70,6 +85,11 @@ def read_params(
     pixel_selection: str | None = Query(None, description="Alias of `method` (TiTiler)."),
     resampling: str = Query("nearest", description="nearest, bilinear, cubic or average."),
     nodata: str | None = Query(None, description="Override the files' nodata value."),
+    unscale: str | None = Query(
+        None,
+        description="`true`: apply each band's scale/offset (the file's, else the item's "
+        "raster:bands) and return float32; default: the stored values.",
+    ),
 ) -> ReadParams:
     nodata_value = None
     if nodata is not None:
@@ -78,6 +98,7 @@ def read_params(
         except ValueError as exc:
             raise ParamError(f"nodata: expected a number or 'nan', got {nodata!r}") from exc
     return ReadParams(
+        unscale=_boolean("unscale", unscale),
         assets=_split(assets),
         bidx=_numbers("bidx", _split(bidx), int),
         method=(method or pixel_selection or "first").lower(),

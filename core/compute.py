@@ -90,13 +90,25 @@ def warp_one(source: Source, target: Target, resampling: str) -> tuple[np.ndarra
 
 
 def warp_item(
-    sources: Sequence[Source], target: Target, resampling: str, bidx: Sequence[int] = ()
+    sources: Sequence[Source],
+    target: Target,
+    resampling: str,
+    bidx: Sequence[int] = (),
+    unscale: Sequence[tuple[float, float]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Warp each asset of one item and stack their bands (valid where every asset is)."""
+    """Warp each asset of one item and stack their bands (valid where every asset is).
+
+    `unscale` is (scale, offset) per stacked band: applied after warping, in float32, the way
+    rio-tiler does (its kernels run on the stored values), before any mosaic."""
     layers = [warp_one(s, target, resampling) for s in sources]
     dtype = np.result_type(*(d.dtype for d, _ in layers))
     data = np.concatenate([d.astype(dtype, copy=False) for d, _ in layers], axis=0)
     valid = np.logical_and.reduce([v for _, v in layers])
+    if unscale is not None:
+        scaling = np.asarray(unscale, dtype=np.float64).reshape(-1, 2, 1, 1)
+        data = data.astype(np.float32)
+        np.multiply(data, scaling[:, 0], out=data, casting="unsafe")
+        np.add(data, scaling[:, 1], out=data, casting="unsafe")
     if bidx:
         data = data[[b - 1 for b in bidx]]
     return data, valid

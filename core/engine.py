@@ -8,6 +8,7 @@ compute in the process pool — and the engine only moves plain data between the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +62,7 @@ class ReadParams:
     method: str = "first"
     resampling: str = "nearest"
     nodata: float | None = None
+    unscale: bool = False  # apply each band's scale/offset (file, else raster:bands): float32
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -201,6 +203,13 @@ class Engine:
         for value in headers.values():
             if isinstance(value, asyncio.CancelledError):
                 raise value
+        if params.unscale:  # the file's own scale/offset (GDAL_METADATA), from the open GeoTIFF
+            for href, header in headers.items():
+                if isinstance(header, Header) and not header.scales:
+                    geotiff = await self.fetcher.open(href)  # cached: no store request
+                    headers[href] = dataclasses.replace(
+                        header, scales=tuple(geotiff.scales), offsets=tuple(geotiff.offsets)
+                    )
         return make_plan(
             grid,
             items,
@@ -252,9 +261,10 @@ class Engine:
                 sources = [
                     Source.of(p.data, p.valid, r) for p, r in zip(pixels, item.reads, strict=True)
                 ]
+                scaling = _scaling(item) if params.unscale else None
                 with clock.stage("warp"):
                     return await self.compute.run(
-                        compute.warp_item, sources, target, params.resampling, params.bidx
+                        compute.warp_item, sources, target, params.resampling, params.bidx, scaling
                     )
 
         tasks = [asyncio.ensure_future(one(item)) for item in plan.items]
@@ -326,7 +336,11 @@ class Engine:
                 col, row = (math.floor(v) for v in ~read.transform * (x, y))
                 inside = 0 <= row < pixels.data.shape[1] and 0 <= col < pixels.data.shape[2]
                 valid = inside and bool(pixels.valid[row, col])
-                values = pixels.data[:, row, col].tolist() if inside else [None] * read.count
+                values = pixels.data[:, row, col] if inside else [None] * read.count
+                if inside and params.unscale:  # as tiles do: float32, after the read
+                    values = values.astype(np.float32) * np.asarray(read.scales) + read.offsets
+                    values = values.astype(np.float32)
+                values = values.tolist() if inside else values
                 assets[read.asset] = {
                     "values": [v if valid else None for v in values],
                     "band_names": [f"b{i}" for i in range(1, read.count + 1)],
@@ -345,6 +359,11 @@ class Engine:
                 out.append(result)
         out += [{"id": i, "error": e} for i, e in plan.errors]
         return out
+
+
+def _scaling(item: ItemRead) -> list[tuple[float, float]]:
+    """(scale, offset) of each band of the item, in the order warp_item stacks them."""
+    return [p for r in item.reads for p in zip(r.scales, r.offsets, strict=True)]
 
 
 def _about(item: ItemRead) -> dict[str, Any]:

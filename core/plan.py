@@ -179,6 +179,9 @@ class Header:
     # who decodes the blocks: async-tiff, or GDAL in the compute pool for what async-tiff
     # cannot decode or decodes differently (core.gdal_decode.decoder_for)
     decoder: str = "async-tiff"
+    # the GeoTIFF's own per-band scale/offset (GDAL_METADATA), () when the file has none
+    scales: tuple[float, ...] = ()
+    offsets: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,9 @@ class AssetRead:
     nodata: float | None
     has_mask: bool
     decoder: str = "async-tiff"  # Header.decoder
+    # per band, what `unscale` applies (value * scale + offset): see `band_scaling`
+    scales: tuple[float, ...] = ()
+    offsets: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -391,8 +397,39 @@ def choose_level(
     return best
 
 
-def plan_asset(asset: str, header: Header, grid: Grid, resampling: str) -> AssetRead | None:
-    """Where `grid` falls in this COG; None when the image does not reach the grid."""
+def band_scaling(
+    header: Header, bands: tuple[dict[str, Any], ...] = ()
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per band (scale, offset) for `unscale`: the file's own when it has any (what rio-tiler
+    and GDAL apply), else the catalog's `raster:bands` (Landsat C2 L2 keeps them only there),
+    else identity."""
+    count = header.count
+    own_s, own_o = header.scales, header.offsets
+    if (
+        len(own_s) == count
+        and len(own_o) == count
+        and (any(v != 1 for v in own_s) or any(v != 0 for v in own_o))
+    ):
+        return tuple(map(float, own_s)), tuple(map(float, own_o))
+    scales, offsets = [1.0] * count, [0.0] * count
+    for index, band in enumerate(bands[:count]):
+        with contextlib.suppress(TypeError, ValueError):  # a malformed entry is no scaling
+            scale, offset = float(band.get("scale", 1.0)), float(band.get("offset", 0.0))
+            if math.isfinite(scale) and math.isfinite(offset):
+                scales[index], offsets[index] = scale, offset
+    return tuple(scales), tuple(offsets)
+
+
+def plan_asset(
+    asset: str,
+    header: Header,
+    grid: Grid,
+    resampling: str,
+    bands: tuple[dict[str, Any], ...] = (),
+) -> AssetRead | None:
+    """Where `grid` falls in this COG; None when the image does not reach the grid.
+    `bands` is the catalog's `raster:bands` for this asset (scale/offset when the file has
+    none)."""
     try:
         left, bottom, right, top = reproject_bounds(grid.bounds, grid.crs, header.crs)
     except Exception:  # the grid is outside the source CRS's domain
@@ -424,6 +461,7 @@ def plan_asset(asset: str, header: Header, grid: Grid, resampling: str) -> Asset
     dst_window = pixel_window(dst_bounds, grid.transform, grid.width, grid.height, 1)
     if dst_window is None:
         return None
+    scales, offsets = band_scaling(header, bands)
     tiles = tuple(
         (tx, ty)
         for ty in range(row0 // level.tile_height, (row0 + height - 1) // level.tile_height + 1)
@@ -448,6 +486,8 @@ def plan_asset(asset: str, header: Header, grid: Grid, resampling: str) -> Asset
         nodata=header.nodata,
         has_mask=header.has_mask,
         decoder=header.decoder,
+        scales=scales,
+        offsets=offsets,
     )
 
 
@@ -480,7 +520,8 @@ def make_plan(
             if isinstance(header, BaseException):
                 failure = f"{asset}: {describe_error(header)}"
                 break
-            read = plan_asset(asset, header, grid, resampling)
+            bands = item.raster_bands.get(asset, ())
+            read = plan_asset(asset, header, grid, resampling, bands)
             if read is None:
                 break
             reads.append(read)

@@ -7,9 +7,11 @@ Rust CQL2 parser overflowed its stack and the whole process died with SIGSEGV.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
+from pathlib import Path
 
 import httpx
 import morecantile
@@ -294,3 +296,74 @@ def test_a_slow_request_head_is_cut_off(keyed) -> None:
     assert closed_after is not None, "the server kept a trickling request head open"
     assert 1.5 < closed_after < 5  # TERRAZZO_HEADER_TIMEOUT_S=2
     assert httpx.get(keyed.url + "/healthz").status_code == 200
+
+
+# -- /chunks memory: caps and clients that stop reading ---------------------------------------
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture(scope="module")
+def stall_server(demo_catalog) -> Server:
+    srv = Server(demo_catalog, env={"TERRAZZO_STREAM_STALL_TIMEOUT_S": "2"})
+    yield srv
+    srv.stop()
+
+
+def _covering_bbox(url: str) -> list[float]:
+    return httpx.get(url + "/items", params={"limit": 1}).json()["features"][0]["bbox"]
+
+
+def test_a_chunk_over_the_output_cap_is_an_error_for_that_chunk_only(stall_server) -> None:
+    box = _covering_bbox(stall_server.url)
+    body = {
+        "crs": "EPSG:4326",
+        "chunks": [
+            {"id": "huge", "bbox": box, "width": 4096, "height": 4096},
+            {"id": "fine", "bbox": box, "width": 64, "height": 64},
+        ],
+        "group_by": "item",
+        "dtype": "float64",
+    }
+    response = httpx.post(stall_server.url + "/chunks", json=body, timeout=60)
+    assert response.status_code == 200
+    text = response.content.decode("latin-1")
+    assert '"id": "huge", "status": "error"' in text
+    assert "TERRAZZO_MAX_CHUNK_MB" in text
+    assert '"id": "fine", "status": "ok"' in text
+    assert '"status": "end", "chunks": 2, "ok": 1, "empty": 0, "error": 1' in text
+
+
+def test_a_client_that_stops_reading_is_cut_off_and_memory_returns(stall_server) -> None:
+    box = _covering_bbox(stall_server.url)
+    chunks = [{"id": f"c{i}", "bbox": box, "width": 1024, "height": 1024} for i in range(60)]
+    payload = json.dumps({"crs": "EPSG:4326", "chunks": chunks}).encode()
+    pid = stall_server.proc.pid
+    before = _rss_mb(pid)
+    s = socket.create_connection(("127.0.0.1", stall_server.port))  # and never reads
+    s.sendall(
+        b"POST /chunks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    peak = before
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and "read nothing" not in stall_server.output():
+        peak = max(peak, _rss_mb(pid))
+        time.sleep(0.2)
+    assert "read nothing" in stall_server.output(), stall_server.output()[-2000:]
+    # ~180 MiB of frames were asked for; what the server held stayed within a few chunks
+    assert peak - before < 150, (before, peak)
+    s.settimeout(10)
+    received = b""
+    with contextlib.suppress(OSError):
+        while chunk := s.recv(1 << 20):
+            received += chunk
+    s.close()
+    assert b'"status": "end"' not in received  # cut: the client can tell (no end frame)
+    assert httpx.get(stall_server.url + "/healthz").status_code == 200

@@ -8,7 +8,6 @@ compute in the process pool — and the engine only moves plain data between the
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -203,13 +202,6 @@ class Engine:
         for value in headers.values():
             if isinstance(value, asyncio.CancelledError):
                 raise value
-        if params.unscale:  # the file's own scale/offset (GDAL_METADATA), from the open GeoTIFF
-            for href, header in headers.items():
-                if isinstance(header, Header) and not header.scales:
-                    geotiff = await self.fetcher.open(href)  # cached: no store request
-                    headers[href] = dataclasses.replace(
-                        header, scales=tuple(geotiff.scales), offsets=tuple(geotiff.offsets)
-                    )
         return make_plan(
             grid,
             items,

@@ -152,6 +152,8 @@ def header_of(href: str, geotiff: GeoTIFF) -> Header:
             for level, b in zip(levels, blocks, strict=True)
         ),
         decoder=decoder_for(geotiff),
+        scales=tuple(map(float, geotiff.scales)),  # GDAL_METADATA's, (1, ...) when none
+        offsets=tuple(map(float, geotiff.offsets)),
     )
 
 

@@ -395,7 +395,8 @@ def case_tags(writer: str, archive: str) -> set[str]:
             validity.add("validity:nodata")
         if asset.scale is not None:
             validity.add("validity:scale-offset")
-    return {f"writer:{writer}", *spec.tags, *validity}
+    timing = {"time:null-datetime"} if spec.timeless else set()
+    return {f"writer:{writer}", *spec.tags, *validity, *timing}
 
 
 def test_readme_table_claims_only_what_the_corpus_proved() -> None:

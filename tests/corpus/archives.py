@@ -103,7 +103,9 @@ class ItemFiles:
 
     @property
     def sort_time(self) -> str:
-        """The time Terrazzo's default `-datetime` mosaic order uses (start when no datetime)."""
+        """The time a `-datetime` (newest on top) mosaic orders by: the datetime, else the
+        start_datetime, as pgstac stores COALESCE(datetime, start_datetime) as an item's time
+        (titiler-pgstac's default order) and as Terrazzo labels such items."""
         return self.datetime or self.start_datetime or ""
 
 

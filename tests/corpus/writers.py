@@ -78,7 +78,10 @@ def _groups(writer: str, items: Items) -> dict[str, list[str]]:
             for a, v in items.items()
         }
     else:
-        key = {a: "-".join(sorted(_nested_properties(v[0]))) or "flat" for a, v in items.items()}
+        key = {
+            a: "-".join(sorted(_nested_properties(v[0]))).replace(":", "-") or "flat"
+            for a, v in items.items()
+        }
     groups: dict[str, list[str]] = {}
     for archive, group in key.items():
         groups.setdefault(group, []).append(archive)

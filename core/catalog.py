@@ -337,11 +337,14 @@ class Catalog:
             descending = key.startswith("-")
             name = key.lstrip("+-")
             name = name.removeprefix("properties.")
-            if name not in self.columns:
+            if name not in self.columns and name != "datetime":  # datetime: always (see below)
                 raise SearchError(
                     f"sortby: unknown field {name!r}; sortable fields: {sorted(self.columns)}"
                 )
-            terms.append(f"{_quote(name)} {'DESC' if descending else 'ASC'} NULLS LAST")
+            # an item without a datetime is ordered by its start_datetime, the time it is
+            # labelled with (as pgstac orders): the newest range on top, not the oldest id
+            column = _datetime_expr(self.columns) if name == "datetime" else _quote(name)
+            terms.append(f"{column} {'DESC' if descending else 'ASC'} NULLS LAST")
         terms.append("id ASC")  # a total order: the same tile is always mosaicked the same way
         return ", ".join(terms)
 

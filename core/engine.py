@@ -325,7 +325,12 @@ class Engine:
             )  # an item's assets concurrently, as execute() reads them
             for read, pixels in zip(item.reads, fetched, strict=True):
                 x, y = transformer("EPSG:4326", read.crs).transform(lon, lat)
-                col, row = (math.floor(v) for v in ~read.transform * (x, y))
+                # in the level's own pixel grid (as rasterio's `index`), then into the window:
+                # the window's transform is shifted in floating point and can put an exact
+                # pixel edge (256.0) a hair to its left
+                level = (await self.fetcher.header(read.href)).levels[read.level]
+                full_col, full_row = (math.floor(v) for v in ~level.transform * (x, y))
+                col, row = full_col - read.window[0], full_row - read.window[1]
                 inside = 0 <= row < pixels.data.shape[1] and 0 <= col < pixels.data.shape[2]
                 valid = inside and bool(pixels.valid[row, col])
                 values = pixels.data[:, row, col] if inside else [None] * read.count

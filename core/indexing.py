@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import rustac
 import shapely.geometry
@@ -179,6 +180,54 @@ def sort_items(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [items[i] for i in order]
 
 
+def _rustac_table(items: list[dict[str, Any]], raw: Path, source: Path) -> pa.Table:
+    """STAC-GeoParquet of `items` as one arrow table, written by rustac.
+
+    rustac 0.9 cannot write one file of items whose properties differ in shape (e.g.
+    `proj:geometry` on only some items, as rio-stac writes it: "all columns in a record batch
+    must have the same length"), so then each group of items with the same property keys is
+    written on its own and the tables are concatenated with their schemas unified.
+    """
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    try:
+        rustac.write_sync(str(raw), items, format="geoparquet")
+        tables = [_read_with_metadata(raw)]
+    except rustac.RustacError as exc:
+        for item in items:
+            groups.setdefault(tuple(sorted(item.get("properties", {}))), []).append(item)
+        if len(groups) == 1:
+            raise ValueError(
+                f"cannot write STAC-GeoParquet from {source}: {exc} "
+                "(check that every item's datetime is RFC 3339, e.g. 2024-06-01T00:00:00Z)"
+            ) from exc
+        tables = []
+        for group in groups.values():
+            try:
+                rustac.write_sync(str(raw), group, format="geoparquet")
+            except rustac.RustacError as inner:
+                raise ValueError(
+                    f"cannot write STAC-GeoParquet from {source}: {inner} (items "
+                    f"{group[0]['id']!r}...; check their datetimes are RFC 3339)"
+                ) from inner
+            tables.append(_read_with_metadata(raw))
+    table = pa.concat_tables(tables, promote_options="permissive")
+    if len(tables) > 1:  # back to the items' (Hilbert) order, which row-group pruning needs
+        position = {item["id"]: i for i, item in enumerate(items)}
+        order = np.argsort([position[i] for i in table.column("id").to_pylist()], kind="stable")
+        table = table.take(pa.array(order))
+    return table.replace_schema_metadata(tables[0].schema.metadata)
+
+
+def _read_with_metadata(path: Path) -> pa.Table:
+    """rustac stores `geo`/`stac-geoparquet` as file key-value metadata that pyarrow does not
+    surface on the arrow schema, so carry them over explicitly."""
+    parquet = pq.ParquetFile(path)
+    file_meta = {k: v for k, v in (parquet.metadata.metadata or {}).items() if k != b"ARROW:schema"}
+    table = parquet.read()
+    parquet.close()
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), **file_meta})
+
+
 def index_items(source: Path, out: Path, *, row_group_size: int = 5000) -> int:
     """Index STAC items from ``source`` (JSON or NDJSON) into STAC-GeoParquet at ``out``.
 
@@ -200,22 +249,7 @@ def index_items(source: Path, out: Path, *, row_group_size: int = 5000) -> int:
     raw = out_dir / f".{out.name}.{token}.raw.parquet"
     staged = out_dir / f".{out.name}.{token}.tmp.parquet"
     try:
-        try:
-            rustac.write_sync(str(raw), items, format="geoparquet")
-        except rustac.RustacError as exc:
-            raise ValueError(
-                f"cannot write STAC-GeoParquet from {source}: {exc} "
-                "(check that every item's datetime is RFC 3339, e.g. 2024-06-01T00:00:00Z)"
-            ) from exc
-        parquet = pq.ParquetFile(raw)
-        # rustac stores `geo`/`stac-geoparquet` as file key-value metadata that pyarrow does not
-        # surface on the arrow schema, so carry them over explicitly.
-        file_meta = {
-            k: v for k, v in (parquet.metadata.metadata or {}).items() if k != b"ARROW:schema"
-        }
-        table = parquet.read()
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **file_meta})
-        parquet.close()
+        table = _rustac_table(items, raw, source)
         pq.write_table(table, staged, row_group_size=row_group_size, compression="zstd")
         os.replace(staged, out)
     finally:

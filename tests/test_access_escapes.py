@@ -9,11 +9,9 @@ ignore Range or send more than asked, an S3 endpoint that answers 307.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 import socket
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -24,7 +22,6 @@ import httpx
 import numpy as np
 import obstore
 import pytest
-import uvicorn
 from affine import Affine
 from moto.server import ThreadedMotoServer
 from obstore.store import S3Store
@@ -41,7 +38,7 @@ from core.fetch import Fetcher
 from core.httpstore import HTTPRangeStore, ResponseTooLarge
 from core.indexing import index_items
 from core.stores import SignedS3Store, Stores
-from tests.conftest import Server
+from tests.conftest import Server, serve_in_thread
 
 TRANSFORM = Affine(30, 0, 500000, 0, -30, 5000000)
 TILE = "/tiles/12/2150/1471.npy"
@@ -67,23 +64,7 @@ class Hits:
         return sum(n for p, n in self.paths.items() if not p.startswith(prefix))
 
 
-@contextlib.contextmanager
-def uvicorn_on(app, host: str) -> Iterator[str]:
-    """A real uvicorn server on `host` (any 127.0.0.0/8 address) in a thread; yields its URL."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
+uvicorn_on = serve_in_thread  # a real uvicorn server on any 127.0.0.0/8 address
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -18,7 +19,9 @@ import httpx
 import pytest
 import uvicorn
 
+from core.cogs import stac_item
 from core.demo import build_demo
+from core.indexing import index_items
 
 
 @pytest.fixture(scope="session")
@@ -106,6 +109,23 @@ def serve_in_thread(app: Any, host: str = "127.0.0.1") -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+
+
+def href_catalog(good: Path, hrefs: dict[str, str], out: Path) -> Path:
+    """A STAC-GeoParquet catalog at `out` of one item per (id, href): geometry and projection
+    from the real COG `good`, its asset href replaced (how the access tests plant hostile
+    hrefs in an otherwise honest catalog)."""
+    items = []
+    for n, (item_id, href) in enumerate(hrefs.items()):
+        item = stac_item(
+            item_id, {"visual": good}, datetime=f"2024-01-{n + 1:02d}T00:00:00Z", collection="t"
+        )
+        item["assets"]["visual"]["href"] = href
+        items.append(item)
+    ndjson = out.with_suffix(".ndjson")
+    ndjson.write_text("\n".join(json.dumps(i) for i in items))
+    index_items(ndjson, out)
+    return out
 
 
 def assert_clear_error(response: httpx.Response, status: int, needle: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +16,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from core.access import AccessDenied, AccessPolicy, internal_address
-from core.cogs import stac_item, write_cog
-from core.indexing import index_items
-from tests.conftest import Server, serve_in_thread
+from core.cogs import write_cog
+from tests.conftest import Server, href_catalog, serve_in_thread
 
 
 class Counting:
@@ -70,19 +68,8 @@ def web(cog_dir: Path) -> Iterator[tuple[str, Counting]]:
 
 
 def catalog(cog_dir: Path, hrefs: dict[str, str]) -> Path:
-    good = cog_dir / "catalog" / "cogs" / "good.tif"
-    items = []
-    for n, (item_id, href) in enumerate(hrefs.items()):
-        item = stac_item(
-            item_id, {"visual": good}, datetime=f"2024-01-{n + 1:02d}T00:00:00Z", collection="t"
-        )
-        item["assets"]["visual"]["href"] = href
-        items.append(item)
-    path = cog_dir / "catalog" / f"items-{len(hrefs)}.ndjson"
-    path.write_text("\n".join(json.dumps(i) for i in items))
     out = cog_dir / "catalog" / f"items-{len(hrefs)}.parquet"
-    index_items(path, out)
-    return out
+    return href_catalog(cog_dir / "catalog" / "cogs" / "good.tif", hrefs, out)
 
 
 def test_policy_unit(cog_dir: Path) -> None:

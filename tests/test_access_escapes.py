@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import socket
 import time
 from collections import Counter
@@ -33,12 +32,11 @@ from starlette.staticfiles import StaticFiles
 
 from core import access
 from core.access import AccessDenied, AccessPolicy, internal_address, parse_remote
-from core.cogs import stac_item, write_cog
+from core.cogs import write_cog
 from core.fetch import Fetcher
 from core.httpstore import HTTPRangeStore, ResponseTooLarge
-from core.indexing import index_items
 from core.stores import SignedS3Store, Stores
-from tests.conftest import Server, serve_in_thread
+from tests.conftest import Server, href_catalog, serve_in_thread
 
 TRANSFORM = Affine(30, 0, 500000, 0, -30, 5000000)
 TILE = "/tiles/12/2150/1471.npy"
@@ -133,19 +131,7 @@ def s3_env(endpoint: str) -> dict[str, str]:
 
 def build_catalog(cogs: Path, hrefs: dict[str, str]) -> Path:
     """A STAC-GeoParquet catalog of one item per href (geometry from the good COG)."""
-    good = cogs / "catalog" / "good.tif"
-    items = []
-    for n, (item_id, href) in enumerate(hrefs.items()):
-        item = stac_item(
-            item_id, {"visual": good}, datetime=f"2024-01-{n + 1:02d}T00:00:00Z", collection="t"
-        )
-        item["assets"]["visual"]["href"] = href
-        items.append(item)
-    ndjson = cogs / "catalog" / "items.ndjson"
-    ndjson.write_text("\n".join(json.dumps(i) for i in items))
-    out = cogs / "catalog" / "items.parquet"
-    index_items(ndjson, out)
-    return out
+    return href_catalog(cogs / "catalog" / "good.tif", hrefs, cogs / "catalog" / "items.parquet")
 
 
 def hostile_hrefs(allowed: str, canary: str) -> dict[str, str]:

@@ -121,6 +121,11 @@ def to_sql(tree: dict[str, Any], columns: dict[str, str]) -> tuple[str, list[Any
     return _node(tree, columns, params), params
 
 
+def _column(node: dict[str, Any]) -> str:
+    """The catalog column a CQL2 property node names (`properties.x` and `x` alike)."""
+    return str(node["property"]).removeprefix("properties.")
+
+
 def _column_kind(duck_type: str) -> str:
     """What a catalog column compares as: text, number, time, bool, or other (not comparable)."""
     t = duck_type.upper()
@@ -139,7 +144,7 @@ def _kind(node: Any, columns: dict[str, str]) -> str | None:
     """The kind of a comparison operand, or None when it is not a plain property or literal."""
     if isinstance(node, dict):
         if "property" in node:
-            name = str(node["property"]).removeprefix("properties.")
+            name = _column(node)
             return _column_kind(columns[name]) if name in columns else None
         if "timestamp" in node or "date" in node:
             return "time"
@@ -161,9 +166,9 @@ def _check_operands(op: str, args: list[Any], columns: dict[str, str]) -> None:
     kinds = [_kind(a, columns) for a in operands]
     for arg, kind in zip(operands, kinds, strict=True):
         if kind == "other":
-            name = arg["property"]
+            name = _column(arg)
             raise FilterError(
-                f"filter: {name!r} is a {columns[str(name).removeprefix('properties.')]} column "
+                f"filter: {name!r} is a {columns[name]} column "
                 "and cannot be compared (use bbox= and datetime= for space and time)"
             )
     if op == "like" and kinds[0] not in ("text", None):
@@ -192,7 +197,7 @@ def _is_time(text: str) -> bool:
 
 def _node(node: Any, columns: dict[str, str], params: list[Any]) -> str:
     if isinstance(node, dict) and "property" in node:
-        name = str(node["property"]).removeprefix("properties.")
+        name = _column(node)
         if name not in columns:
             raise FilterError(
                 f"filter: unknown property {name!r}; this catalog has {sorted(columns)}"

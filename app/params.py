@@ -30,6 +30,12 @@ def _numbers(name: str, values: tuple[str, ...], kind: type) -> tuple:
         raise ParamError(f"{name}: expected {kind.__name__} values, got {list(values)}") from exc
 
 
+def _number(name: str, value: str | None, kind: type) -> float | int | None:
+    """An optional number; a bad one is a 400 naming the parameter (FastAPI's own 422 would
+    not say what the server expects)."""
+    return None if value is None else _numbers(name, (value,), kind)[0]
+
+
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
 
@@ -63,6 +69,22 @@ def search_query(
     filter: str | None = Query(
         None, description="CQL2-text or CQL2-JSON on item properties, e.g. `eo:cloud_cover < 10`."
     ),
+    items_limit: str | None = Query(
+        None, description="Items mosaicked at most (default and cap: the server's max_items)."
+    ),
+    scan_limit: str | None = Query(
+        None, description="Candidate items looked at, at most (cap: the server's max_scan)."
+    ),
+    time_limit: str | None = Query(
+        None, description="Seconds the item search may take (cap: the server's max_search_s)."
+    ),
+    exitwhenfull: str | None = Query(
+        None, description="Stop the search once footprints cover the tile (default: on for first)."
+    ),
+    skipcovered: str | None = Query(
+        None,
+        description="Leave out items whose footprint newer ones cover (default: on for first).",
+    ),
 ) -> SearchQuery:
     return SearchQuery(
         filter=parse_filter(filter) if filter else None,
@@ -70,6 +92,11 @@ def search_query(
         collections=_split(collections),
         ids=_split(ids),
         sortby=tuple(s for s in (sortby or "-datetime").split(",") if s.strip()),
+        limit=_number("items_limit", items_limit, int),
+        scan_limit=_number("scan_limit", scan_limit, int),
+        time_limit=_number("time_limit", time_limit, float),
+        exitwhenfull=None if exitwhenfull is None else _boolean("exitwhenfull", exitwhenfull),
+        skipcovered=None if skipcovered is None else _boolean("skipcovered", skipcovered),
     )
 
 

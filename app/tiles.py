@@ -57,6 +57,11 @@ async def _tile(
         mosaic = await engine.read(grid, query, params)
     if mosaic is None:
         return Response(status_code=204, headers={"Cache-Control": "no-cache"})
+    if not mosaic.valid.any():  # nothing found, but a search limit left items out
+        why = mosaic.plan.truncated_why
+        return Response(
+            status_code=204, headers={"Cache-Control": "no-store", "X-Terrazzo-Truncated": why}
+        )
     if fmt is None:
         needs_mask = not mosaic.valid.all()
         eight_bit = mosaic.data.dtype == np.uint8 or bool(render.rescale)
@@ -90,7 +95,7 @@ async def _tile(
             " ".join(text.split()).encode("ascii", "replace").decode()[:2000]
         )
     if mosaic.plan.truncated:
-        headers["X-Terrazzo-Truncated"] = "item limit reached; older items left out"
+        headers["X-Terrazzo-Truncated"] = mosaic.plan.truncated_why
     return Response(body, media_type=FORMATS[fmt][1], headers=headers)
 
 

@@ -62,8 +62,15 @@ class SearchQuery:
     collections: tuple[str, ...] = ()
     ids: tuple[str, ...] = ()
     sortby: tuple[str, ...] = ("-datetime",)
-    limit: int = 100
+    limit: int | None = None  # items returned at most (items_limit); None: DEFAULT_LIMIT
     filter: dict[str, Any] | None = None  # CQL2-JSON, already parsed (core.filters.parse)
+    # TiTiler-pgstac's search limits, same meaning; they need `intersects` (the area to fill)
+    scan_limit: int | None = None  # candidate rows looked at, at most
+    time_limit: float | None = None  # seconds the search may take
+    # None: the caller's default (the engine turns both on for method `first`; the catalog off)
+    exitwhenfull: bool | None = None  # stop once the footprints so far cover `intersects`
+    skipcovered: bool | None = None  # leave out items whose footprint newer ones already cover
+    cover_margin: float = 0.0  # footprints count as covering only this far (degrees) inside
 
     def __post_init__(self) -> None:
         """Bounded before any SQL is built: every id and collection becomes a bound value."""
@@ -76,8 +83,38 @@ class SearchQuery:
                 raise SearchError(f"{name}: at most {limit} per request, got {len(values)}")
         if self.bbox is not None and not all(math.isfinite(v) for v in self.bbox):
             raise SearchError(f"bbox: every coordinate must be a finite number, got {self.bbox}")
+        for name, value in (("items_limit", self.limit), ("scan_limit", self.scan_limit)):
+            if value is not None and value < 1:
+                raise SearchError(f"{name}: must be at least 1, got {value}")
+        if self.time_limit is not None and not (self.time_limit > 0):
+            raise SearchError(
+                f"time_limit: must be a positive number of seconds, got {self.time_limit}"
+            )
 
 
+@dataclass
+class SearchResult:
+    """The items a search returned and how it ended: `truncated` says why items that match
+    were left out ("" when none were); `full` says it stopped because `intersects` was covered.
+    """
+
+    items: list[Item]
+    scanned: int = 0  # candidate rows looked at (bbox matches, in sort order)
+    covered_skips: int = 0  # items left out because newer footprints already cover them
+    full: bool = False
+    truncated: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "returned": len(self.items),
+            "scanned": self.scanned,
+            "skipped_covered": self.covered_skips,
+            "full": self.full,
+            "truncated": self.truncated or None,
+        }
+
+
+DEFAULT_LIMIT = 100  # items of a search that names no limit
 MAX_IDS = 1_000  # item ids in one search
 MAX_COLLECTIONS = 100  # collection ids in one search
 MAX_SORT_FIELDS = 8  # sortby fields
@@ -272,26 +309,82 @@ class Catalog:
 
     async def search(self, query: SearchQuery) -> list[Item]:
         """Run `query` on a search worker thread; never on the event loop."""
+        return (await self.scan(query)).items
+
+    async def scan(self, query: SearchQuery) -> SearchResult:
+        """`search` with how it ended (truncated, full, rows scanned)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.search_sync, query)
+        return await loop.run_in_executor(self._executor, self.scan_sync, query)
 
     def search_sync(self, query: SearchQuery) -> list[Item]:
+        return self.scan_sync(query).items
+
+    def scan_sync(self, query: SearchQuery) -> SearchResult:
+        """Candidates (bbox matches) in sort order, page after page, until `limit` items pass
+        the exact footprint test. A page that loses every candidate to the footprint test
+        never hides an older item that truly covers the area: the next page is read.
+
+        With `skipcovered`, an item whose footprint (within `intersects`) lies inside the
+        union of the newer ones' is left out; with `exitwhenfull` the search ends once that
+        union covers `intersects`. Footprints count as covering only `cover_margin` inside
+        their edge, so a footprint that is a hair larger than its pixels leaves no gap.
+        `truncated` is set whenever a matching item was left out by a limit.
+        """
         self.reload_if_replaced()
+        limit = DEFAULT_LIMIT if query.limit is None else max(0, int(query.limit))
         sql, params = self._build_sql(query)
-        # Footprints are tested exactly after SQL, so fetch a few spare rows to still fill limit.
-        rows = self._fetch(sql, params, query)
-        items: list[Item] = []
-        for row in rows:
-            footprint = _footprint(row[5])
-            item = self._to_item(row, footprint)
-            if query.intersects is not None and item.error is None:
-                assert footprint is not None  # else item.error says so
-                if not footprint.intersects(query.intersects):
-                    continue
-            items.append(item)
-            if len(items) >= query.limit:
-                break
-        return items
+        deadline = None if query.time_limit is None else time.monotonic() + query.time_limit
+        area = query.intersects
+        cover = area is not None and (query.skipcovered or query.exitwhenfull)
+        tolerance = area.area * 1e-9 if area is not None else 0.0
+        covered: BaseGeometry | None = None
+        result = SearchResult(items=[])
+        page, offset = limit * 2 + 8, 0
+        while True:
+            rows = self._fetch(f"{sql} LIMIT {page} OFFSET {offset}", params, query)
+            for row in rows:
+                if query.scan_limit is not None and result.scanned >= query.scan_limit:
+                    result.truncated = f"scan_limit: {query.scan_limit} candidates scanned"
+                    return result
+                if deadline is not None and time.monotonic() > deadline:
+                    result.truncated = f"time_limit: search stopped after {query.time_limit} s"
+                    return result
+                result.scanned += 1
+                footprint = _footprint(row[5])
+                item = self._to_item(row, footprint)
+                inner = None  # the part of the footprint that counts as covering
+                if area is not None and item.error is None:
+                    assert footprint is not None  # else item.error says so
+                    if not footprint.intersects(area):
+                        continue
+                    if cover:
+                        shrunk = (
+                            footprint.buffer(-query.cover_margin)
+                            if query.cover_margin
+                            else footprint
+                        )
+                        inner = shrunk.intersection(area)
+                        if (
+                            query.skipcovered
+                            and covered is not None
+                            and not inner.is_empty
+                            and inner.difference(covered).area <= tolerance
+                        ):
+                            result.covered_skips += 1
+                            continue
+                if len(result.items) >= limit:
+                    result.truncated = f"items_limit: more than {limit} items match"
+                    return result
+                result.items.append(item)
+                if inner is not None:
+                    covered = inner if covered is None else covered.union(inner)
+                    if query.exitwhenfull and area.difference(covered).area <= tolerance:
+                        result.full = True
+                        return result
+            if len(rows) < page:
+                return result
+            offset += page
+            page *= 4
 
     def _fetch(self, sql: str, params: list[Any], query: SearchQuery) -> list[tuple[Any, ...]]:
         """Run a search on this thread's cursor. A filter's values reach DuckDB as bound
@@ -325,7 +418,6 @@ class Catalog:
         )
         sql = f"SELECT {select} FROM items{where}"
         sql += " ORDER BY " + self._order_by(query.sortby)
-        sql += f" LIMIT {int(query.limit) * 2 + 8}"
         return sql, params
 
     def _order_by(self, sortby: Sequence[str]) -> str:
@@ -609,7 +701,7 @@ class Catalog:
         rows = self._fetch(
             f"SELECT id, {_collection_expr(self.columns)}, {_datetime_expr(self.columns)}, bbox,"
             f" geometry::BLOB, assets FROM items{clause}"
-            f" ORDER BY {self._order_by(query.sortby)} LIMIT {int(query.limit)}",
+            f" ORDER BY {self._order_by(query.sortby)} LIMIT {int(query.limit or DEFAULT_LIMIT)}",
             params,
             query,
         )

@@ -23,6 +23,7 @@ from core.catalog import SearchQuery
 from core.engine import Engine, ParamError, ReadFailed, ReadParams
 from core.mosaic import METHODS
 from core.plan import Grid, ItemRead, ReadPlan, describe_error
+from core.timing import StageClock
 
 GROUP_BY = ("day", "month", "year", "datetime", "item")
 
@@ -134,6 +135,8 @@ async def read_chunk(
     started = time.perf_counter()
     grid = Grid.from_bounds(crs, spec.bbox, spec.width, spec.height)
     result = ChunkResult(id=spec.id, status="ok", grid=grid)
+    if group_by is not None:  # each time layer is its own mosaic: no item covers another
+        query = dataclasses.replace(query, skipcovered=False, exitwhenfull=False)
     try:
         async with asyncio.timeout(engine.settings.chunk_timeout_s):
             plan = await engine.plan(grid, query, params)
@@ -144,7 +147,7 @@ async def read_chunk(
                 result.time = [label for label, _ in split_plan(plan, group_by)]
                 result.layout = output_layout(plan, params, dtype)
                 return result
-            await _fill(engine, result, plan, params, group_by, dtype)
+            await _fill(engine, result, plan, query, params, group_by, dtype)
     except TimeoutError:
         result.status = "error"
         result.error = f"timeout: not done in {engine.settings.chunk_timeout_s} s"
@@ -164,6 +167,7 @@ async def _fill(
     engine: Engine,
     result: ChunkResult,
     plan: ReadPlan,
+    query: SearchQuery,
     params: ReadParams,
     group_by: str | None,
     dtype: str | None,
@@ -186,7 +190,10 @@ async def _fill(
             f"{plan.grid.height}); the limit is {engine.settings.max_chunk_mb} MiB per chunk "
             "(TERRAZZO_MAX_CHUNK_MB): use smaller chunks, fewer bands or a coarser group_by"
         )
-    mosaics = await asyncio.gather(*(engine.execute(p, params) for _, p in groups))
+    if group_by is None:  # one layer: holes the footprint shortcuts left are filled
+        mosaics = [await engine.complete(plan, query, params, StageClock())]
+    else:
+        mosaics = await asyncio.gather(*(engine.execute(p, params) for _, p in groups))
     if all(m is None for m in mosaics):
         result.status = "empty"
         return

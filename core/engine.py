@@ -8,6 +8,7 @@ compute in the process pool — and the engine only moves plain data between the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ import shapely
 
 from core import compute
 from core.access import AccessDenied, AccessPolicy, is_url, remote_prefix
-from core.catalog import Catalog, Item, SearchQuery
+from core.catalog import Catalog, SearchQuery, SearchResult
 from core.compute import ComputePool, Source, Target
 from core.fetch import Fetcher
 from core.mosaic import METHODS
@@ -163,22 +164,32 @@ class Engine:
             )
         return assets
 
-    async def search(self, grid: Grid, query: SearchQuery) -> tuple[list[Item], bool]:
-        """Items touching `grid`, in mosaic order; and whether the item limit cut the list."""
+    async def search(self, grid: Grid, query: SearchQuery, method: str = "first") -> SearchResult:
+        """Items touching `grid`, in mosaic order, within the request's search limits capped
+        by the server's (`max_items`, `max_scan`, `max_search_s`).
+
+        `skipcovered` and `exitwhenfull` default to on for `first` (TiTiler-pgstac's
+        defaults), where an item under newer full footprints cannot show; for the other
+        methods every item counts, so they are off unless asked for. A footprint covers only
+        from one output pixel inside its edge, so a footprint a little larger than its pixels
+        never leaves a gap.
+        """
         bounds = grid.lonlat_bounds()
-        limit = min(query.limit, self.settings.max_items)
-        full = SearchQuery(
-            bbox=bounds,
-            intersects=shapely.box(*bounds),
-            datetime=query.datetime,
-            collections=query.collections,
-            ids=query.ids,
-            sortby=query.sortby,
-            filter=query.filter,
-            limit=limit + 1,
+        first = method == "first"
+        s = self.settings
+        return await self.catalog.scan(
+            dataclasses.replace(
+                query,
+                bbox=bounds,
+                intersects=shapely.box(*bounds),
+                limit=min(query.limit or s.max_items, s.max_items),
+                scan_limit=min(query.scan_limit or s.max_scan, s.max_scan),
+                time_limit=min(query.time_limit or s.max_search_s, s.max_search_s),
+                exitwhenfull=first if query.exitwhenfull is None else query.exitwhenfull,
+                skipcovered=first if query.skipcovered is None else query.skipcovered,
+                cover_margin=(bounds[2] - bounds[0]) / max(grid.width, 1),
+            )
         )
-        items = await self.catalog.search(full)
-        return items[:limit], len(items) > limit
 
     async def plan(
         self,
@@ -186,11 +197,16 @@ class Engine:
         query: SearchQuery,
         params: ReadParams,
         clock: StageClock | None = None,
+        *,
+        exclude: frozenset[str] = frozenset(),
     ) -> ReadPlan:
+        """Search, open the headers and plan every item; items in `exclude` (already read)
+        still count towards the item limit but are not planned again."""
         clock = clock or StageClock()
         assets = self.resolve_assets(params.assets)
         with clock.stage("search"):
-            items, truncated = await self.search(grid, query)
+            found = await self.search(grid, query, params.method)
+        items = [item for item in found.items if item.id not in exclude]
         hrefs = {
             item.assets[a] for item in items if not item.error for a in assets if a in item.assets
         }
@@ -209,7 +225,7 @@ class Engine:
             assets=assets,
             method=params.method,
             resampling=params.resampling,
-            truncated=truncated,
+            search=found,
         )
 
     # -- reading -----------------------------------------------------------------------------
@@ -218,7 +234,79 @@ class Engine:
         """Mosaic of every item covering `grid`; None when no item has data there."""
         clock = StageClock()
         plan = await self.plan(grid, query, params, clock)
-        return await self.execute(plan, params, clock)
+        return await self.complete(plan, query, params, clock)
+
+    async def complete(
+        self, plan: ReadPlan, query: SearchQuery, params: ReadParams, clock: StageClock
+    ) -> Mosaic | None:
+        """`execute(plan)` with its holes filled (see `_fill_holes`). None when no item has data
+        there; an empty mosaic (nothing valid) when a search limit left items out, so the
+        caller can say the answer is incomplete rather than empty."""
+        mosaic = await self._fill_holes(plan, query, params, clock)
+        if mosaic is None and plan.truncated:
+            g = plan.grid
+            empty = np.zeros((g.height, g.width), dtype=bool)
+            return Mosaic(data=empty[None].view(np.uint8), valid=empty, plan=plan, clock=clock)
+        return mosaic
+
+    async def _fill_holes(
+        self, plan: ReadPlan, query: SearchQuery, params: ReadParams, clock: StageClock
+    ) -> Mosaic | None:
+        """`execute(plan)`, then, for `first`, fill what it left empty from the items the
+        footprint shortcuts (skipcovered, exitwhenfull) left out.
+
+        Footprints say where an item may have pixels, not where it has them: a footprint
+        drawn around a nodata collar, or a newer item that failed to read, would otherwise
+        leave a hole where an older item has data. The holes are filled by a second search
+        without the shortcuts, reading only the items not read yet, in mosaic order — the
+        result equals a read without shortcuts, which costs that much only where needed.
+        """
+        try:
+            mosaic = await self.execute(plan, params, clock)
+            failure = None
+        except ReadFailed as exc:
+            mosaic, failure = None, exc
+        found = plan.search or {}
+        shortcut = found.get("skipped_covered") or found.get("full")
+        if params.method != "first" or not shortcut or (mosaic and mosaic.valid.all()):
+            if failure:
+                raise failure
+            return mosaic
+        done = frozenset(
+            [i.item_id for i in plan.items] + [i for i, _ in (*plan.errors, *plan.skipped)]
+        )
+        everything = dataclasses.replace(query, skipcovered=False, exitwhenfull=False)
+        rest = await self.plan(plan.grid, everything, params, clock, exclude=done)
+        errors = list(mosaic.errors if mosaic else failure.errors if failure else [])
+        layers = [mosaic] if mosaic else []
+        try:
+            more = await self.execute(rest, params, clock)  # rest's header errors included
+        except ReadFailed as exc:
+            errors += exc.errors
+        else:
+            if more is not None:
+                layers.append(more)
+                errors += more.errors
+            else:
+                errors += rest.errors
+        if not layers:
+            if errors:
+                raise ReadFailed(errors)
+            return None
+        merged = dataclasses.replace(
+            rest,
+            items=plan.items + rest.items,
+            skipped=plan.skipped + rest.skipped,
+            errors=plan.errors + rest.errors,
+        )
+        if len(layers) == 1:
+            data, valid = layers[0].data, layers[0].valid
+        else:
+            with clock.stage("mosaic"):
+                data, valid = await self.compute.run(
+                    compute.mosaic, [(m.data, m.valid) for m in layers], "first"
+                )
+        return Mosaic(data=data, valid=valid, plan=merged, errors=errors, clock=clock)
 
     async def execute(
         self, plan: ReadPlan, params: ReadParams, clock: StageClock | None = None
@@ -316,6 +404,8 @@ class Engine:
             raise ParamError(f"lon,lat: ({lon}, {lat}) is outside -180..180, -90..90")
         eps = 1e-7
         grid = Grid.from_bounds("EPSG:4326", (lon - eps, lat - eps, lon + eps, lat + eps), 1, 1)
+        # every covering item has a value here, covered by a newer footprint or not
+        query = dataclasses.replace(query, skipcovered=False, exitwhenfull=False)
         plan = await self.plan(grid, query, params)
 
         async def one(item: ItemRead) -> dict[str, Any]:

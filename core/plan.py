@@ -20,7 +20,7 @@ import morecantile
 from affine import Affine
 from pyproj import Transformer
 
-from core.catalog import Item
+from core.catalog import Item, SearchResult
 
 RESAMPLING = ("nearest", "bilinear", "cubic", "average")
 # Source pixels needed beyond the footprint so the kernel sees its neighbours at the edges.
@@ -226,8 +226,16 @@ class ReadPlan:
     assets: tuple[str, ...]
     items: tuple[ItemRead, ...]
     skipped: tuple[tuple[str, str], ...] = ()  # (item id, why it is not read)
-    truncated: bool = False  # more items matched than max_items allowed
+    truncated: bool = False  # a search limit left out items that match (see `search`)
     errors: tuple[tuple[str, str], ...] = field(default=())  # headers that failed to open
+    search: dict[str, Any] | None = None  # how the item search ended (SearchResult.to_dict)
+
+    @property
+    def truncated_why(self) -> str:
+        """Which search limit left items out, in words ("" when none did)."""
+        if not self.truncated:
+            return ""
+        return (self.search or {}).get("truncated") or "item limit reached; older items left out"
 
     @property
     def tile_reads(self) -> int:
@@ -257,6 +265,7 @@ class ReadPlan:
             "skipped": [{"id": i, "reason": why} for i, why in self.skipped],
             "errors": [{"id": i, "error": why} for i, why in self.errors],
             "truncated": self.truncated,
+            "search": self.search,
             "tile_reads": self.tile_reads,
             "bytes": self.bytes,
         }
@@ -269,7 +278,7 @@ class ReadPlan:
             f"method={self.method} resampling={self.resampling} assets={','.join(self.assets)}"
             f" items={len(self.items)} internal tiles={self.tile_reads}"
             f" bytes={self.bytes:,}"
-            + (" (item limit reached: older items left out)" if self.truncated else ""),
+            + (f" (incomplete: {self.truncated_why})" if self.truncated else ""),
         ]
         for n, item in enumerate(self.items, 1):
             lines.append(f"{n:>3}. {item.item_id} {item.datetime or ''}")
@@ -499,7 +508,7 @@ def make_plan(
     assets: tuple[str, ...],
     method: str,
     resampling: str,
-    truncated: bool = False,
+    search: SearchResult | None = None,
 ) -> ReadPlan:
     """Plan every item against `grid`, keeping the search order (the mosaic order)."""
     planned: list[ItemRead] = []
@@ -543,6 +552,7 @@ def make_plan(
         assets=assets,
         items=tuple(planned),
         skipped=tuple(skipped),
-        truncated=truncated,
+        truncated=bool(search and search.truncated),
         errors=tuple(errors),
+        search=search.to_dict() if search else None,
     )

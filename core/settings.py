@@ -29,7 +29,15 @@ class Settings(BaseSettings):
         True, description="Load the catalog into memory (~6x file size; ~10x faster searches)."
     )
     search_threads: int = Field(2, ge=1, description="DuckDB worker threads (one cursor each).")
-    max_items: int = Field(100, ge=1, description="Items per tile or chunk, first in sort order.")
+    max_items: int = Field(
+        500, ge=1, description="Items per tile or chunk at most (caps a request's items_limit)."
+    )
+    max_scan: int = Field(
+        10_000, ge=1, description="Candidate items one search looks at (caps scan_limit)."
+    )
+    max_search_s: float = Field(
+        5, gt=0, description="Seconds one item search may take (caps time_limit)."
+    )
 
     # Fetch stage
     fetch_concurrency: int = Field(64, ge=1, description="Store reads in flight, whole service.")

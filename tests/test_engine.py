@@ -147,10 +147,12 @@ async def test_first_stops_reading_when_the_tile_is_full(tmp_path: Path) -> None
     try:
         t = centre_tile(13)
         grid = tile_grid("WebMercatorQuad", t.z, t.x, t.y)
-        plan = await engine.plan(grid, SearchQuery(), ReadParams())
+        # every item planned (footprint shortcuts off): the pixel-level early exit is tested
+        everything = SearchQuery(exitwhenfull=False, skipcovered=False)
+        plan = await engine.plan(grid, everything, ReadParams())
         assert len(plan.items) == 5
         reads_before = fetcher.stats["reads"]
-        first = await engine.read(grid, SearchQuery(), ReadParams(method="first"))
+        first = await engine.read(grid, everything, ReadParams(method="first"))
         first_reads = fetcher.stats["reads"] - reads_before
         mean = await engine.read(grid, SearchQuery(), ReadParams(method="mean"))
         mean_reads = fetcher.stats["reads"] - reads_before - first_reads

@@ -35,7 +35,9 @@ def test_point_values_equal_each_items_own_pixel(http: httpx.Client, asset: str)
     hrefs = {
         i["id"]: i["assets"][asset]
         for i in http.get(
-            f"/tiles/{TWO_DATES.z}/{TWO_DATES.x}/{TWO_DATES.y}/assets", params={"assets": asset}
+            f"/tiles/{TWO_DATES.z}/{TWO_DATES.x}/{TWO_DATES.y}/assets",
+            # every item under the tile, not only those the footprint shortcuts plan
+            params={"assets": asset, "skipcovered": "false", "exitwhenfull": "false"},
         ).json()
     }
     for item in body["items"]:

@@ -23,12 +23,13 @@ log = logging.getLogger("terrazzo.chunks")
 FRAMING = """
 The response (`application/x-terrazzo-chunks`) is a stream of frames, one per chunk in completion
 order, then an end frame. Each frame is `b"TZCH"`, a little-endian uint32 header length, a UTF-8
-JSON header, and the payload. The header carries `id`, `status` (`ok`, `empty`, `error`),
-`error`, `item_errors`, `dtype`, `shape` `[time, band, y, x]`, `transform`, `crs`, `time`
-labels and `payload` = `{"data": [offset, length], "mask": [offset, length]}`: data in C order,
-little-endian; mask `(time, y, x)` packed with `numpy.packbits` (1 = data). The end frame has
-status `end` and the counts. Why framed raw arrays: the client needs only numpy (no Arrow), the
-frames stream one by one without base64, and a cut stream is detected (no end frame).
+JSON header, and the payload. The header carries `id`, `status` (`ok`, `empty`, `error`), `error`,
+`item_errors`, `truncated` (which search limit left items out, or null), `dtype`, `shape` `[time,
+band, y, x]`, `transform`, `crs`, `time` labels and `payload` = `{"data": [offset, length], "mask":
+[offset, length]}`: data in C order, little-endian; mask `(time, y, x)` packed with `numpy.packbits`
+(1 = data). The end frame has status `end` and the counts. Why framed raw arrays: the client needs
+only numpy (no Arrow), the frames stream one by one without base64, and a cut stream is detected (no
+end frame).
 `dry_run: true` returns JSON plans instead (items, COG levels, internal tiles, bytes).
 """
 
@@ -53,6 +54,12 @@ class ChunksRequest(BaseModel):
     ids: list[str] = []
     filter: str | dict[str, Any] | None = Field(None, description="CQL2-text or CQL2-JSON.")
     sortby: list[str] | str = "-datetime"
+    # TiTiler-pgstac's search limits, as on GET /tiles (capped by the server's maxima)
+    items_limit: int | None = Field(None, ge=1, description="Items per chunk at most.")
+    scan_limit: int | None = Field(None, ge=1, description="Candidate items looked at.")
+    time_limit: float | None = Field(None, gt=0, description="Seconds one search may take.")
+    exitwhenfull: bool | None = Field(None, description="Default: on for method first.")
+    skipcovered: bool | None = Field(None, description="Default: on for method first.")
     assets: list[str] = []
     bidx: list[int] = []
     method: str = "first"
@@ -106,6 +113,11 @@ async def chunks(request: Request, body: ChunksRequest) -> Any:
         ids=tuple(body.ids),
         filter=parse_filter(body.filter) if body.filter else None,
         sortby=tuple(body.sortby.split(",") if isinstance(body.sortby, str) else body.sortby),
+        limit=body.items_limit,
+        scan_limit=body.scan_limit,
+        time_limit=body.time_limit,
+        exitwhenfull=body.exitwhenfull,
+        skipcovered=body.skipcovered,
     )
     params = ReadParams(
         assets=engine.resolve_assets(tuple(body.assets)),

@@ -126,6 +126,7 @@ def chunk_frame(result: Any) -> bytes:
         "height": g.height,
         "items": result.items,
         "item_errors": [{"id": i, "error": e} for i, e in result.item_errors],
+        "truncated": result.truncated or None,
         "seconds": round(result.seconds, 4),
     }
     if result.plan is not None:

@@ -86,6 +86,7 @@ class ChunkResult:
     error: str | None = None
     items: int = 0
     item_errors: list[tuple[str, str]] = field(default_factory=list)
+    truncated: str = ""  # which search limit left matching items out ("" when none did)
     seconds: float = 0.0
     plan: dict[str, Any] | None = None  # dry runs only
     layout: dict[str, Any] | None = None  # dry runs only: bands and dtype of the data
@@ -141,6 +142,7 @@ async def read_chunk(
         async with asyncio.timeout(engine.settings.chunk_timeout_s):
             plan = await engine.plan(grid, query, params)
             result.items = len(plan.items)
+            result.truncated = plan.truncated_why
             if dry_run:
                 result.plan = plan.to_dict()
                 result.status = "ok" if plan.items else "empty"
@@ -194,7 +196,7 @@ async def _fill(
         mosaics = [await engine.complete(plan, query, params, StageClock())]
     else:
         mosaics = await asyncio.gather(*(engine.execute(p, params) for _, p in groups))
-    if all(m is None for m in mosaics):
+    if all(m is None or not m.valid.any() for m in mosaics):  # (truncated: valid all False)
         result.status = "empty"
         return
     template = next(m for m in mosaics if m is not None)

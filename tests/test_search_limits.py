@@ -22,6 +22,7 @@ from rasterio.transform import from_origin
 from rio_stac import create_stac_item
 from rio_tiler.io import Reader
 from rio_tiler.mosaic import mosaic_reader
+from terrazzo.framing import parse_frames
 
 from core.catalog import SearchQuery
 from core.engine import Engine, ReadParams
@@ -348,3 +349,23 @@ def test_a_nodata_collar_inside_a_footprint_is_filled_from_older_items(collar: P
     assert (data[0] == ref[0]).mean() > 0.99
     assert r.headers["X-Terrazzo-Items"] == "2"
     assert "X-Terrazzo-Truncated" not in r.headers
+
+
+def test_a_chunk_says_when_a_search_limit_left_items_out(decoys: Path, serve) -> None:
+    http = serve(decoys)
+    west, south, east, north = TMS.bounds(TILE)
+    body = {
+        "crs": "EPSG:4326",
+        "chunks": [{"id": "a", "bbox": [west, south, east, north], "width": 64, "height": 64}],
+    }
+    for extra, status, truncated in (({}, "ok", None), ({"scan_limit": 100}, "empty", "scan")):
+        r = http.post("/chunks", json={**body, **extra})
+        assert r.status_code == 200, r.text
+        chunk = parse_frames(r.content)[0]
+        assert chunk.status == status, chunk.header
+        if truncated is None:
+            assert chunk.truncated is None and chunk.mask.all()
+        else:
+            assert "scan_limit" in chunk.truncated
+    r = http.post("/chunks", json={**body, "items_limit": 0})
+    assert r.status_code in (400, 422) and "items_limit" in r.text

@@ -45,6 +45,11 @@ class Chunk:
     def error(self) -> str | None:
         return self.header.get("error")
 
+    @property
+    def truncated(self) -> str | None:
+        """Which search limit left matching items out of this chunk (None: none did)."""
+        return self.header.get("truncated")
+
     def masked(self) -> np.ma.MaskedArray:
         """The data as a masked array (mask broadcast over bands)."""
         if self.data is None or self.mask is None:

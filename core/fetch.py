@@ -224,24 +224,33 @@ class _Batch:
     The fetch runs as its own task so that one reader's cancellation (e.g. `first` having
     filled its tile) does not fail the other readers; it is cancelled only when no reader
     waits for it any more, so a cancelled request stops its store reads.
+
+    A reader joins in the same step that looks the batch up (no await between them) and
+    leaves when done; the last to leave cancels the fetch and marks it `abandoned`, so it is
+    never handed out again, even while its cancellation is still unwinding: a read that
+    joined a dying fetch would get its CancelledError though nobody cancelled that read (in
+    POST /chunks that ended the whole stream).
     """
 
     def __init__(self, task: asyncio.Task[dict]) -> None:
         self.task = task
         self.waiters = 0
+        self.abandoned = False  # cancelled for want of readers: never join it
 
     @property
     def reusable(self) -> bool:
+        if self.abandoned:
+            return False
         return not self.task.done() or (not self.task.cancelled() and self.task.exception() is None)
 
-    async def get(self, xy: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+    def join(self) -> None:
         self.waiters += 1
-        try:
-            return (await asyncio.shield(self.task))[xy]
-        finally:
-            self.waiters -= 1
-            if self.waiters == 0 and not self.task.done():
-                self.task.cancel()
+
+    def leave(self) -> None:
+        self.waiters -= 1
+        if self.waiters == 0 and not self.task.done():
+            self.abandoned = True
+            self.task.cancel()
 
 
 class TileCache:
@@ -543,9 +552,17 @@ class Fetcher:
             for xy in missing:
                 cache.put((read.href, read.level, xy), batch, size)
             batches = [b or batch for b in batches]
-        return list(
-            await asyncio.gather(*(b.get(xy) for b, xy in zip(batches, read.tiles, strict=True)))
-        )
+        joined = [b for b in batches if b is not None]
+        for b in joined:  # now, in the step that looked them up (see _Batch)
+            b.join()
+        try:
+            # shield: this read's cancellation must not fail the fetch for its other readers
+            return [
+                (await asyncio.shield(b.task))[xy] for b, xy in zip(joined, read.tiles, strict=True)
+            ]
+        finally:
+            for b in joined:
+                b.leave()
 
     async def _fetch_tiles(self, level: GeoTIFF | Overview, xys: list[tuple[int, int]]) -> dict:
         """Fetch (coalesced, bounded, retried) and decode tiles: {(x, y): (data, mask)}."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import time
 from collections.abc import Iterator
@@ -10,16 +11,19 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from affine import Affine
 from obstore.store import LocalStore
 from terrazzo.framing import iter_frames, parse_frames
 
 from app.main import create_app
+from core.cogs import write_cog
 from core.engine import Engine
 from core.faults import FaultyStore
 from core.fetch import Fetcher
+from core.plan import Grid, plan_asset
 from core.settings import Settings
 from core.stores import Stores
-from tests.conftest import Server, serve_in_thread
+from tests.conftest import Server, href_catalog, serve_in_thread
 from tests.test_chunks_api import chunk_grid
 
 CORRUPT = "demo-32632-2024-06-01-05"  # an item in the middle of the strip, ~6.6–6.9°E
@@ -102,3 +106,109 @@ def test_disconnect_cancels_the_remaining_work(slow_server: tuple[str, FaultySto
     time.sleep(2.0)  # uncancelled, the other 7 chunks in flight would keep reading here
     assert store.requests == settled, "no store reads after the disconnect"
     assert settled < 64, "most of the 64 chunks were never read"
+
+
+class HangOnceStore(FaultyStore):
+    """The real store, except one pixel read once `armed`: it never answers, and once
+    cancelled it takes `unwind` seconds to stop (as a network request being torn down does)."""
+
+    def __init__(self, inner: LocalStore, *, unwind: float) -> None:
+        super().__init__(inner)
+        self.unwind = unwind
+        self.armed = False
+        self.cancelled = 0
+
+    async def get_ranges_async(self, path: str, **kw) -> list:
+        if self.armed:
+            self.armed = False
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                await asyncio.sleep(self.unwind)
+                raise
+        return await super().get_ranges_async(path, **kw)
+
+
+PACKBITS_DATA = (np.arange(256 * 256) % 250 + 1).astype("uint8").reshape(1, 256, 256)
+BBOX = (501000, 4998840, 501160, 4999000)  # its pixels 100..116 (x and y), in one block
+
+
+@pytest.fixture(scope="module")
+def packbits_catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One item, one PackBits COG: its blocks are fetched by our own code (the GDAL decode
+    path), so a store that is slow to stop holds up the cancelled fetch itself."""
+    root = tmp_path_factory.mktemp("packbits")
+    cog = write_cog(
+        root / "p.tif",
+        PACKBITS_DATA,
+        crs="EPSG:32632",
+        transform=Affine(10, 0, 500000, 0, -10, 5000000),
+        nodata=0,
+        overviews=False,
+        compress="PACKBITS",
+    )
+    return href_catalog(cog, {"p": str(cog)}, root / "items.parquet")
+
+
+def test_a_chunk_joining_an_abandoned_tile_fetch_gets_its_pixels(packbits_catalog: Path) -> None:
+    """The CI flake (stream cut mid-body): chunk `a` gives up (its timeout) while it alone
+    waits for a COG tile, so that shared fetch is cancelled; chunk `b` wants the same tile
+    while the cancelled fetch is still stopping. `b` joined the dying fetch, got its
+    CancelledError though nobody cancelled `b`, and that ended the whole stream. Now `b`
+    fetches afresh and gets its pixels, and the stream ends with its end frame."""
+    store = HangOnceStore(LocalStore(), unwind=0.5)
+    settings = Settings(
+        catalog=packbits_catalog, chunk_concurrency=1, chunk_timeout_s=1.0, compute_workers=1
+    )
+    engine = Engine(settings, fetcher=Fetcher(stores=Stores(lambda key: store)))
+    body = {
+        "crs": "EPSG:32632",
+        "chunks": [{"id": i, "bbox": BBOX, "width": 16, "height": 16} for i in ("a", "b")],
+    }
+    try:
+        with serve_in_thread(create_app(settings, engine=engine)) as url:
+            plans = httpx.post(url + "/chunks", json=body | {"dry_run": True}, timeout=30).json()
+            assert [len(c["plan"]["items"]) for c in plans["chunks"]] == [1, 1]  # headers open
+            store.armed = True
+            r = httpx.post(url + "/chunks", json=body, timeout=30)
+            frames = parse_frames(r.content)  # a cut stream raises (no end frame)
+    finally:
+        engine.close()
+    chunks = {f.id: f for f in frames[:-1]}
+    assert frames[-1].header["chunks"] == 2 and set(chunks) == {"a", "b"}
+    assert chunks["a"].status == "error" and "timeout" in chunks["a"].error
+    assert store.cancelled == 1, "a's tile fetch was cancelled when a gave up"
+    assert chunks["b"].status == "ok", chunks["b"].error
+    assert chunks["b"].mask.all()
+    assert (chunks["b"].data[0] == PACKBITS_DATA[:, 100:116, 100:116]).all()
+
+
+async def test_a_read_never_gets_another_reads_cancellation(tmp_path: Path) -> None:
+    """The same race without any injected slowness, one event-loop step wide (the COG is read
+    by async-tiff): read `a` is cancelled while it alone waits for its tiles, and read `b` of
+    the same tiles starts in that step. `b` was never cancelled, so it gets its pixels (it
+    used to get a's CancelledError)."""
+    cog = write_cog(
+        tmp_path / "d.tif",
+        PACKBITS_DATA,
+        crs="EPSG:32632",
+        transform=Affine(10, 0, 500000, 0, -10, 5000000),
+        nodata=0,
+        overviews=False,
+    )
+    store = FaultyStore(LocalStore())
+    fetcher = Fetcher(stores=Stores(lambda key: store))
+    header = await fetcher.header(str(cog))
+    read = plan_asset("a", header, Grid.from_bounds("EPSG:32632", BBOX, 16, 16), "nearest")
+    assert read is not None and header.decoder == "async-tiff"
+    store.delay = 0.3  # the tile fetch is in flight when `a` is cancelled
+    a = asyncio.ensure_future(fetcher.read(read))
+    await asyncio.sleep(0.1)
+    a.cancel()
+    b = asyncio.ensure_future(fetcher.read(read))
+    await asyncio.gather(a, return_exceptions=True)
+    assert a.cancelled()
+    pixels = await b
+    col, row, w, h = read.window
+    assert (pixels.data == PACKBITS_DATA[:, row : row + h, col : col + w]).all()

@@ -132,7 +132,12 @@ async def read_chunk(
     dtype: str | None = None,
     dry_run: bool = False,
 ) -> ChunkResult:
-    """Read one chunk; every failure is captured in the result, cancellation is not."""
+    """Read one chunk; every failure is captured in the result, this chunk's own cancellation
+    is not (the client went away, or the stream is closing: all work must stop).
+
+    A CancelledError that reaches here while this task was not cancelled comes from inside
+    (a shared read cancelled by another, a library cancelling its own futures): that is this
+    chunk's error, never the end of the stream for every other chunk."""
     started = time.perf_counter()
     grid = Grid.from_bounds(crs, spec.bbox, spec.width, spec.height)
     result = ChunkResult(id=spec.id, status="ok", grid=grid)
@@ -153,6 +158,12 @@ async def read_chunk(
     except TimeoutError:
         result.status = "error"
         result.error = f"timeout: not done in {engine.settings.chunk_timeout_s} s"
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise  # this chunk was cancelled
+        result.status = "error"
+        result.error = f"cancelled inside the read, not by this request ({describe_error(exc)})"
     except ReadFailed as exc:
         result.status = "error"
         result.error = str(exc)

@@ -16,8 +16,10 @@ from obstore.store import LocalStore
 from terrazzo.framing import iter_frames, parse_frames
 
 from app.main import create_app
+from core.catalog import SearchQuery
+from core.chunks import ChunkSpec, read_chunk
 from core.cogs import write_cog
-from core.engine import Engine
+from core.engine import Engine, ReadParams
 from core.faults import FaultyStore
 from core.fetch import Fetcher
 from core.plan import Grid, plan_asset
@@ -212,3 +214,83 @@ async def test_a_read_never_gets_another_reads_cancellation(tmp_path: Path) -> N
     pixels = await b
     col, row, w, h = read.window
     assert (pixels.data == PACKBITS_DATA[:, row : row + h, col : col + w]).all()
+
+
+class CancelsOnceStore(FaultyStore):
+    """The real store, except one pixel read once `armed`: it raises CancelledError, as a
+    library that cancels its own futures can leak it to a caller nobody cancelled."""
+
+    armed = False
+
+    async def get_ranges_async(self, path: str, **kw) -> list:
+        if self.armed:
+            self.armed = False
+            raise asyncio.CancelledError
+        return await super().get_ranges_async(path, **kw)
+
+
+def test_a_cancellation_from_inside_a_chunk_is_that_chunks_error(packbits_catalog: Path) -> None:
+    """A CancelledError that is not the request's own (here leaked by the store) fails only
+    the chunk that met it: the other chunk is read and the stream ends with its end frame
+    (it used to end the stream with no end frame, as in the CI flake)."""
+    store = CancelsOnceStore(LocalStore())
+    settings = Settings(catalog=packbits_catalog, chunk_concurrency=1, compute_workers=1)
+    engine = Engine(settings, fetcher=Fetcher(stores=Stores(lambda key: store)))
+    body = {
+        "crs": "EPSG:32632",
+        "chunks": [{"id": i, "bbox": BBOX, "width": 16, "height": 16} for i in ("a", "b")],
+    }
+    try:
+        with serve_in_thread(create_app(settings, engine=engine)) as url:
+            httpx.post(url + "/chunks", json=body | {"dry_run": True}, timeout=30)  # headers
+            store.armed = True
+            r = httpx.post(url + "/chunks", json=body, timeout=30)
+            frames = parse_frames(r.content)  # a cut stream raises (no end frame)
+    finally:
+        engine.close()
+    chunks = {f.id: f for f in frames[:-1]}
+    assert frames[-1].header["chunks"] == 2 and set(chunks) == {"a", "b"}
+    assert chunks["a"].status == "error" and "cancelled inside the read" in chunks["a"].error
+    assert chunks["b"].status == "ok", chunks["b"].error
+    assert (chunks["b"].data[0] == PACKBITS_DATA[:, 100:116, 100:116]).all()
+
+
+class _Planner:
+    """An engine whose plan step does `step` (read_chunk needs nothing else to get there)."""
+
+    def __init__(self, step) -> None:
+        self.settings = Settings(chunk_timeout_s=30)
+        self.step = step
+
+    async def plan(self, *args) -> None:
+        await self.step()
+
+
+def _read_chunk(engine: _Planner):
+    spec = ChunkSpec.make("c", BBOX, width=16, height=16)
+    return read_chunk(engine, spec, "EPSG:32632", SearchQuery(), ReadParams())  # type: ignore[arg-type]
+
+
+async def test_read_chunk_turns_an_inner_cancellation_into_its_error() -> None:
+    async def leaks() -> None:
+        raise asyncio.CancelledError
+
+    result = await asyncio.ensure_future(_read_chunk(_Planner(leaks)))
+    assert result.status == "error" and "cancelled inside the read" in (result.error or "")
+
+
+async def test_read_chunk_lets_its_own_cancellation_through() -> None:
+    """A client that goes away (or the stream closing) cancels the chunk: that must stop it,
+    never become a result."""
+    started = asyncio.Event()
+
+    async def hangs() -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    task = asyncio.ensure_future(_read_chunk(_Planner(hangs)))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert task.cancelled()

@@ -363,6 +363,13 @@ class _Worker:
                 job.future.set_result(reply[1])
             else:
                 _, exc, text = reply
+                if not isinstance(exc, Exception):
+                    # a job's CancelledError, KeyboardInterrupt or SystemExit must not reach
+                    # the awaiting request as itself: it would read as that request's own
+                    # cancellation, or stop the server's event loop
+                    exc = RuntimeError(
+                        f"compute job {job.name} raised {type(exc).__name__} in its worker"
+                    )
                 exc.__cause__ = _RemoteTraceback(text)
                 job.future.set_exception(exc)
             return

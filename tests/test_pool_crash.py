@@ -2,7 +2,7 @@
 SIGKILLed while writing a large result, or hang; and, one level up, server processes that
 crash under `terrazzo serve --workers N`.
 
-Every test runs a real `terrazzo serve` (conftest.Server). Crashes are either real signals sent
+Every test but the last runs a real `terrazzo serve` (conftest.Server). Crashes are either real signals sent
 from outside or injected at the compute worker's job boundary (TERRAZZO_FAULT_COMPUTE, see
 core/faults.py); everything between the request and the worker is the production code.
 """
@@ -10,7 +10,9 @@ core/faults.py); everything between the request and the worker is the production
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
+import operator
 import os
 import random
 import signal
@@ -27,6 +29,7 @@ import numpy as np
 import psutil
 import pytest
 
+from core.compute import ComputePool
 from core.faults import COMPUTE_FAULT_ENV
 from tests.conftest import Server
 
@@ -306,3 +309,20 @@ def test_serve_workers_restarts_server_processes_that_crash(demo_catalog: Path) 
         print(f"served again {took:.1f} s after both server processes crashed")
         log = server.stop()
     assert log.count("died") >= 2
+
+
+async def test_a_jobs_base_exception_comes_back_as_an_error_not_as_itself() -> None:
+    """A job that raises CancelledError, KeyboardInterrupt or SystemExit in its worker: the
+    awaiting request gets a RuntimeError naming it (a CancelledError read as the request's
+    own cancellation, and cut a /chunks stream; a KeyboardInterrupt would stop the server's
+    event loop), and the worker goes on serving. The real pool, without a server."""
+    pool = ComputePool(1)
+    try:
+        for name in ("asyncio.CancelledError", "KeyboardInterrupt", "SystemExit"):
+            job = functools.partial(exec, f"import asyncio\nraise {name}()")
+            with pytest.raises(RuntimeError, match=f"exec raised {name.split('.')[-1]}"):
+                await pool.run(job)
+        assert await pool.run(operator.add, 1, 2) == 3
+        assert pool.deaths == 0
+    finally:
+        pool.close()

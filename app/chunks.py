@@ -175,15 +175,26 @@ class StallSafeStream(StreamingResponse):
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         async def timed_send(message: Any) -> None:
-            async with asyncio.timeout(self.stall_timeout_s):
-                await send(message)
+            timeout = asyncio.timeout(self.stall_timeout_s)
+            try:
+                async with timeout:
+                    await send(message)
+            except TimeoutError:
+                if timeout.expired():  # this send's own deadline, not a TimeoutError from below
+                    raise _Stalled from None
+                raise
 
         try:
             await super().__call__(scope, receive, timed_send)
-        except TimeoutError:
+        except _Stalled:
             log.warning("chunks stream: client read nothing for %s s; closed", self.stall_timeout_s)
         finally:
             await self.body_iterator.aclose()  # type: ignore[union-attr]
+
+
+class _Stalled(Exception):
+    """A send waited `stall_timeout_s` (only that: any other TimeoutError, e.g. from the body,
+    is an error of the stream, logged as one, never passed off as a client that stopped)."""
 
 
 async def _frames(results: AsyncIterator) -> AsyncIterator[bytes]:

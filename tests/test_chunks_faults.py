@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from affine import Affine
+from fastapi import FastAPI
 from obstore.store import LocalStore
 from terrazzo.framing import iter_frames, parse_frames
 
+from app.chunks import StallSafeStream
 from app.main import create_app
 from core.catalog import SearchQuery
 from core.chunks import ChunkSpec, read_chunk
@@ -294,3 +297,32 @@ async def test_read_chunk_lets_its_own_cancellation_through() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert task.cancelled()
+
+
+def test_a_timeout_error_from_the_body_is_an_error_not_a_stalled_client(caplog) -> None:
+    """StallSafeStream cuts a client whose sends wait `stall_timeout_s`; it caught every
+    TimeoutError under it, so one from the body was logged as "client read nothing" and the
+    stream ended quietly. Now only its own deadline is a stall; anything else is an error."""
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"first"
+        raise TimeoutError("from the body")
+
+    app = FastAPI()
+
+    @app.get("/s")
+    async def stream() -> StallSafeStream:
+        return StallSafeStream(body(), media_type="application/octet-stream", stall_timeout_s=30)
+
+    errors: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = errors.append  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="terrazzo.chunks"), serve_in_thread(app) as url:
+        logging.getLogger("uvicorn.error").addHandler(handler)
+        try:
+            with pytest.raises(httpx.RemoteProtocolError):
+                httpx.get(url + "/s", timeout=10)
+        finally:
+            logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert "read nothing" not in caplog.text
+    assert any(r.exc_info and r.exc_info[0] is TimeoutError for r in errors), errors

@@ -21,7 +21,8 @@ async def run_bounded(
     """Yield `fn(x)` for each x in `source`, in completion order, with ≤ `limit` in flight.
 
     `fn` should turn its own failures into results; an exception it raises ends the stream
-    (after cancelling the other tasks) and propagates to the consumer.
+    (after cancelling the other tasks) and propagates to the consumer, a CancelledError as a
+    RuntimeError (the consumer was not cancelled).
     """
     if limit < 1:
         raise ValueError("limit must be at least 1")
@@ -41,6 +42,11 @@ async def run_bounded(
                 return
             done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
+                if task.cancelled():
+                    # nothing here cancels a task before the finally: its own code raised
+                    # CancelledError, which re-raised as it is would pass for the consumer's
+                    # own cancellation (in POST /chunks: a stream cut with no error logged)
+                    raise RuntimeError("run_bounded: a task ended cancelled; nothing cancelled it")
                 yield task.result()
     finally:
         for task in running:

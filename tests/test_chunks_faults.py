@@ -19,6 +19,7 @@ from terrazzo.framing import iter_frames, parse_frames
 
 from app.chunks import StallSafeStream
 from app.main import create_app
+from core.bounded import run_bounded
 from core.catalog import SearchQuery
 from core.chunks import ChunkSpec, read_chunk
 from core.cogs import write_cog
@@ -326,3 +327,41 @@ def test_a_timeout_error_from_the_body_is_an_error_not_a_stalled_client(caplog) 
             logging.getLogger("uvicorn.error").removeHandler(handler)
     assert "read nothing" not in caplog.text
     assert any(r.exc_info and r.exc_info[0] is TimeoutError for r in errors), errors
+
+
+async def test_run_bounded_never_passes_a_tasks_cancellation_off_as_the_consumers() -> None:
+    async def fn(x: int) -> int:
+        if x == 1:
+            raise asyncio.CancelledError  # from inside fn: nobody cancelled anything
+        return x
+
+    got = []
+    with pytest.raises(RuntimeError, match="ended cancelled"):
+        async for r in run_bounded([0, 1, 2], fn, 1):
+            got.append(r)
+    assert got == [0]
+    assert not asyncio.current_task().cancelling()  # type: ignore[union-attr]
+
+
+async def test_run_bounded_cancels_its_tasks_when_the_consumer_is_cancelled() -> None:
+    """The other half: a consumer that goes away (a client disconnect) stops all work."""
+    stopped: list[int] = []
+
+    async def fn(x: int) -> int:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            stopped.append(x)
+        return x
+
+    async def consume() -> None:
+        async for _ in run_bounded(range(10), fn, 3):
+            pass
+
+    consumer = asyncio.ensure_future(consume())
+    await asyncio.sleep(0.05)
+    consumer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    await asyncio.sleep(0)
+    assert sorted(stopped) == [0, 1, 2]  # the three in flight; the other seven never started

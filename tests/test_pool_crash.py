@@ -2,9 +2,10 @@
 SIGKILLed while writing a large result, or hang; and, one level up, server processes that
 crash under `terrazzo serve --workers N`.
 
-Every test but the last runs a real `terrazzo serve` (conftest.Server). Crashes are either real signals sent
-from outside or injected at the compute worker's job boundary (TERRAZZO_FAULT_COMPUTE, see
-core/faults.py); everything between the request and the worker is the production code.
+Every test but the last runs a real `terrazzo serve` (conftest.Server). Crashes are either
+real signals sent from outside or injected at the compute worker's job boundary
+(TERRAZZO_FAULT_COMPUTE, see core/faults.py); everything between the request and the worker
+is the production code.
 """
 
 from __future__ import annotations

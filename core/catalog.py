@@ -32,6 +32,7 @@ import shapely
 from shapely.geometry.base import BaseGeometry
 
 from core import filters, schema
+from core.cover import Coverage
 
 IMAGE_MEDIA_PREFIX = "image/tiff"
 log = logging.getLogger("terrazzo.catalog")
@@ -70,7 +71,6 @@ class SearchQuery:
     # None: the caller's default (the engine turns both on for method `first`; the catalog off)
     exitwhenfull: bool | None = None  # stop once the footprints so far cover `intersects`
     skipcovered: bool | None = None  # leave out items whose footprint newer ones already cover
-    cover_margin: float = 0.0  # footprints count as covering only this far (degrees) inside
 
     def __post_init__(self) -> None:
         """Bounded before any SQL is built: every id and collection becomes a bound value."""
@@ -324,10 +324,10 @@ class Catalog:
         the exact footprint test. A page that loses every candidate to the footprint test
         never hides an older item that truly covers the area: the next page is read.
 
-        With `skipcovered`, an item whose footprint (within `intersects`) lies inside the
-        union of the newer ones' is left out; with `exitwhenfull` the search ends once that
-        union covers `intersects`. Footprints count as covering only `cover_margin` inside
-        their edge, so a footprint that is a hair larger than its pixels leaves no gap.
+        With `skipcovered`, an item whose footprint adds no point of `intersects` to those the
+        newer ones cover is left out; with `exitwhenfull` the search ends once every point is
+        covered (core.cover samples the area). Footprints are only a guide: the engine fills
+        what they promised and did not hold (core.engine.Engine.complete).
         `truncated` is set whenever a matching item was left out by a limit.
         """
         self.reload_if_replaced()
@@ -335,9 +335,11 @@ class Catalog:
         sql, params = self._build_sql(query)
         deadline = None if query.time_limit is None else time.monotonic() + query.time_limit
         area = query.intersects
-        cover = area is not None and (query.skipcovered or query.exitwhenfull)
-        tolerance = area.area * 1e-9 if area is not None else 0.0
-        covered: BaseGeometry | None = None
+        cover = (
+            Coverage(area)
+            if area is not None and (query.skipcovered or query.exitwhenfull)
+            else None
+        )
         result = SearchResult(items=[])
         page, offset = limit * 2 + 8, 0
         while True:
@@ -352,33 +354,23 @@ class Catalog:
                 result.scanned += 1
                 footprint = _footprint(row[5])
                 item = self._to_item(row, footprint)
-                inner = None  # the part of the footprint that counts as covering
+                points = None  # the cover samples this item's footprint holds
                 if area is not None and item.error is None:
                     assert footprint is not None  # else item.error says so
                     if not footprint.intersects(area):
                         continue
-                    if cover:
-                        shrunk = (
-                            footprint.buffer(-query.cover_margin)
-                            if query.cover_margin
-                            else footprint
-                        )
-                        inner = shrunk.intersection(area)
-                        if (
-                            query.skipcovered
-                            and covered is not None
-                            and not inner.is_empty
-                            and inner.difference(covered).area <= tolerance
-                        ):
+                    if cover is not None:
+                        points = cover.points(footprint)
+                        if query.skipcovered and not cover.adds(points):
                             result.covered_skips += 1
                             continue
                 if len(result.items) >= limit:
                     result.truncated = f"items_limit: more than {limit} items match"
                     return result
                 result.items.append(item)
-                if inner is not None:
-                    covered = inner if covered is None else covered.union(inner)
-                    if query.exitwhenfull and area.difference(covered).area <= tolerance:
+                if cover is not None:
+                    cover.add(points)
+                    if query.exitwhenfull and cover.full:
                         result.full = True
                         return result
             if len(rows) < page:

@@ -170,9 +170,8 @@ class Engine:
 
         `skipcovered` and `exitwhenfull` default to on for `first` (TiTiler-pgstac's
         defaults), where an item under newer full footprints cannot show; for the other
-        methods every item counts, so they are off unless asked for. A footprint covers only
-        from one output pixel inside its edge, so a footprint a little larger than its pixels
-        never leaves a gap.
+        methods every item counts, so they are off unless asked for. Where footprints promise
+        more than the pixels hold, `complete` fills the gap.
         """
         bounds = grid.lonlat_bounds()
         first = method == "first"
@@ -187,7 +186,6 @@ class Engine:
                 time_limit=min(query.time_limit or s.max_search_s, s.max_search_s),
                 exitwhenfull=first if query.exitwhenfull is None else query.exitwhenfull,
                 skipcovered=first if query.skipcovered is None else query.skipcovered,
-                cover_margin=(bounds[2] - bounds[0]) / max(grid.width, 1),
             )
         )
 

@@ -18,6 +18,7 @@ import numpy as np
 import pystac
 import pytest
 import rasterio
+import shapely
 from rasterio.transform import from_origin
 from rio_stac import create_stac_item
 from rio_tiler.io import Reader
@@ -25,6 +26,7 @@ from rio_tiler.mosaic import mosaic_reader
 from terrazzo.framing import parse_frames
 
 from core.catalog import SearchQuery
+from core.cover import Coverage
 from core.engine import Engine, ReadParams
 from core.plan import tile_grid
 from core.settings import Settings
@@ -369,3 +371,21 @@ def test_a_chunk_says_when_a_search_limit_left_items_out(decoys: Path, serve) ->
             assert "scan_limit" in chunk.truncated
     r = http.post("/chunks", json={**body, "items_limit": 0})
     assert r.status_code in (400, 422) and "items_limit" in r.text
+
+
+def test_coverage_samples_rotated_footprints() -> None:
+    """skipcovered's decision on non-rectangular footprints (rotated scenes): a diamond inside
+    the newer footprints adds nothing; one poking out adds; abutting halves fill the area."""
+    area = shapely.box(0, 0, 1, 1)
+    cover = Coverage(area)
+    assert cover.adds(cover.points(shapely.box(-1, -1, 0.5, 2)))
+    cover.add(cover.points(shapely.box(-1, -1, 0.5, 2)))  # the west half
+    assert not cover.full
+    inside = shapely.Polygon([(0.25, 0.1), (0.45, 0.5), (0.25, 0.9), (0.05, 0.5)])
+    poking = shapely.Polygon([(0.4, 0.1), (0.7, 0.5), (0.4, 0.9), (0.1, 0.5)])
+    assert not cover.adds(cover.points(inside))
+    assert cover.adds(cover.points(poking))
+    cover.add(cover.points(shapely.box(0.5, -1, 2, 2)))  # the east half, abutting
+    assert cover.full
+    tiny = shapely.box(0.306, 0.306, 0.318, 0.318)  # between samples: never skipped
+    assert cover.points(tiny) is None and cover.adds(None)

@@ -163,9 +163,9 @@ def test_a_chunk_joining_an_abandoned_tile_fetch_gets_its_pixels(packbits_catalo
     while the cancelled fetch is still stopping. `b` joined the dying fetch, got its
     CancelledError though nobody cancelled `b`, and that ended the whole stream. Now `b`
     fetches afresh and gets its pixels, and the stream ends with its end frame."""
-    store = HangOnceStore(LocalStore(), unwind=0.5)
+    store = HangOnceStore(LocalStore(), unwind=1.5)
     settings = Settings(
-        catalog=packbits_catalog, chunk_concurrency=1, chunk_timeout_s=1.0, compute_workers=1
+        catalog=packbits_catalog, chunk_concurrency=1, chunk_timeout_s=3.0, compute_workers=1
     )
     engine = Engine(settings, fetcher=Fetcher(stores=Stores(lambda key: store)))
     body = {

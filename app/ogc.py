@@ -13,6 +13,12 @@ Zoom range rule (both TileJSON and WMTS), from the catalog alone (no COG header 
   beyond it a client should overzoom rather than ask for upsampled tiles.
 - minzoom: the lowest zoom at which the largest item still spans MIN_ITEM_PIXELS output
   pixels; below it a tile would read the coarsest overview of every item only to paint specks.
+  And no lower than the lowest zoom at which every tile of the matrix set can be served
+  complete: no tile touches more items (matching the request's datetime, collections, ids
+  and filter) than a tile search takes (`items_limit` capped by `max_items`, and `max_scan`);
+  below it some tiles would be `X-Terrazzo-Truncated`. Counted from the items' bboxes in
+  DuckDB, once per catalog snapshot and query (`core/density.py`, which says how other matrix
+  sets than WebMercatorQuad are counted). When no zoom is complete, minzoom is maxzoom.
 - both clamped to the matrix set's range (minzoom ≤ maxzoom); with `tilesize` other than the
   matrix's tile width the zooms shift accordingly; without `proj:shape`/`gsd` in the
   catalog the whole range of the matrix set is announced.
@@ -32,6 +38,7 @@ from starlette.datastructures import URL
 
 from app.params import RenderParams, read_params, render_params, search_query
 from core.catalog import SearchQuery
+from core.density import complete_zoom_async, tile_limit
 from core.engine import Engine, ReadParams
 from core.plan import matrix_set, matrix_set_crs, reproject_bounds
 
@@ -144,6 +151,15 @@ async def _describe(
         await catalog.resolution_stats_async(assets, collections) if summary.get("items") else None
     )
     minzoom, maxzoom = zoom_range(tms, stats, tilesize)
+    if summary.get("items"):
+        density = await complete_zoom_async(
+            catalog,
+            tms,
+            query or SearchQuery(),
+            tile_limit(engine.settings, query or SearchQuery()),
+            minzoom,
+        )
+        minzoom = maxzoom if density.zoom is None else min(max(minzoom, density.zoom), maxzoom)
     return _bounds(summary, tms), minzoom, maxzoom
 
 

@@ -792,6 +792,50 @@ class Catalog:
             return None
         return expr
 
+    async def bboxes_derived_async(
+        self, query: SearchQuery, key: str, derive: Callable[[Any], Any]
+    ) -> Any:
+        """`derive(bboxes)` on a search thread, kept per snapshot under `key` and the query:
+        `bboxes` is an (n, 4) float64 array of xmin, ymin, xmax, ymax of the items matching
+        `query`'s datetime, collections, ids and filter (its bbox is not applied); items
+        without a finite bbox are left out. For summaries of where items crowd
+        (`core.density`) that must not run SQL on the event loop nor per request."""
+        import numpy as np  # only this summary needs it here
+
+        selection = SearchQuery(
+            datetime=query.datetime,
+            collections=query.collections,
+            ids=query.ids,
+            filter=query.filter,
+        )
+        where, params = self._where(selection)
+        box = ("bbox.xmin", "bbox.ymin", "bbox.xmax", "bbox.ymax")
+        finite = " AND ".join(f"isfinite({c})" for c in box)
+        sql = f"SELECT {', '.join(box)} FROM items{where}"
+        sql += (" AND " if where else " WHERE ") + finite
+        cache_key = f"bboxes:{key}:{sql}:{params!r}"
+
+        def run() -> Any:
+            self.reload_if_replaced()
+
+            def build() -> Any:
+                try:
+                    cols = self._cursor().execute(sql, params).fetchnumpy()
+                except (duckdb.ConversionException, duckdb.BinderException) as exc:
+                    if query.filter is None:
+                        raise
+                    reason = str(exc).splitlines()[0]
+                    raise filters.FilterError(
+                        f"filter: the catalog cannot evaluate it ({reason})"
+                    ) from exc
+                names = ("xmin", "ymin", "xmax", "ymax")
+                array = np.stack([np.asarray(cols[n], dtype="float64") for n in names], axis=1)
+                return derive(array.reshape(-1, 4))
+
+            return self._per_snapshot(cache_key, build)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+
 
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'

@@ -345,7 +345,8 @@ class Engine:
                         compute.warp_item, sources, target, params.resampling, params.bidx, scaling
                     )
 
-        tasks = [asyncio.ensure_future(one(item)) for item in plan.items]
+        items = plan.items if METHODS[params.method].repeats_count else _distinct(plan.items)
+        tasks = [asyncio.ensure_future(one(item)) for item in items]
         layers: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(tasks)
         early_exit = params.method == "first"
         covered = np.zeros((g.height, g.width), dtype=bool)
@@ -357,7 +358,7 @@ class Engine:
                 except (asyncio.CancelledError, KeyboardInterrupt):
                     raise
                 except Exception as exc:
-                    errors.append((plan.items[index].item_id, describe_error(exc)))
+                    errors.append((items[index].item_id, describe_error(exc)))
                 if early_exit:
                     while next_in_order <= index:
                         layer = layers[next_in_order]
@@ -444,6 +445,18 @@ class Engine:
                 out.append(result)
         out += [{"id": i, "error": e} for i, e in plan.errors]
         return out
+
+
+def _distinct(items: tuple[ItemRead, ...]) -> list[ItemRead]:
+    """Items in order, without those whose reads (same COG windows, levels, nodata and
+    scaling) equal an earlier item's: items sharing a COG yield the same layer."""
+    seen: set[tuple] = set()
+    out = []
+    for item in items:
+        if item.reads not in seen:
+            seen.add(item.reads)
+            out.append(item)
+    return out
 
 
 def _scaling(item: ItemRead) -> list[tuple[float, float]]:

@@ -14,6 +14,9 @@ class MosaicMethod:
 
     #: True when a single layer is already the answer (no pool round trip needed).
     identity_for_one = True
+    #: False when a layer equal to an earlier one cannot change the result (first, last,
+    #: highest, lowest): items that read the very same windows are then read once.
+    repeats_count = True
 
     @staticmethod
     def output_dtype(dtype: np.dtype) -> np.dtype:
@@ -43,6 +46,8 @@ class MosaicMethod:
 class First(MosaicMethod):
     """Each pixel from the first layer that has data there (newest on top by default)."""
 
+    repeats_count = False
+
     def feed(self, data: np.ndarray, valid: np.ndarray) -> None:
         if self._start(data, valid):
             return
@@ -53,6 +58,8 @@ class First(MosaicMethod):
 class Last(MosaicMethod):
     """Each pixel from the last layer that has data there."""
 
+    repeats_count = False
+
     def feed(self, data: np.ndarray, valid: np.ndarray) -> None:
         if self._start(data, valid):
             return
@@ -62,6 +69,8 @@ class Last(MosaicMethod):
 
 class Highest(MosaicMethod):
     """Per band, the highest value among the layers with data."""
+
+    repeats_count = False
 
     pick = staticmethod(np.maximum)
 

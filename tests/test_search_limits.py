@@ -389,3 +389,29 @@ def test_coverage_samples_rotated_footprints() -> None:
     assert cover.full
     tiny = shapely.box(0.306, 0.306, 0.318, 0.318)  # between samples: never skipped
     assert cover.points(tiny) is None and cover.adds(None)
+
+
+async def test_items_that_share_a_cog_are_read_once_where_repeats_cannot_matter(
+    stack: Path,
+) -> None:
+    """150 items, one COG: `first` and `highest` read it once, `mean` reads every item (each
+    counts); the pixels are the same either way."""
+    engine = Engine(Settings(catalog=stack, compute_workers=1))
+    grid = tile_grid("WebMercatorQuad", TILE.z, TILE.x, TILE.y)
+    every = SearchQuery(skipcovered=False, exitwhenfull=False)
+    try:
+        results = {}
+        for method in ("first", "highest", "mean"):
+            before = engine.fetcher.stats["reads"]
+            mosaic = await engine.read(grid, every, ReadParams(method=method))
+            assert mosaic is not None and len(mosaic.plan.items) == 150
+            results[method] = (mosaic, engine.fetcher.stats["reads"] - before)
+    finally:
+        engine.close()
+    assert results["first"][1] == results["highest"][1] == 1
+    assert results["mean"][1] == 150
+    first = results["first"][0]
+    for method in ("highest", "mean"):
+        other = results[method][0]
+        assert (other.valid == first.valid).all()
+        assert (np.rint(other.data) == first.data).all()

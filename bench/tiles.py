@@ -150,7 +150,9 @@ async def run_terrazzo(engine: Engine, tiles: list, concurrency: int, asset: str
     return summarise(latencies, wall, cpu_seconds(pids) - cpu0, peak_rss_mb(pids))
 
 
-def baseline_tile(catalog: Catalog, t, asset: str, threads: int) -> None:
+def baseline_tile(
+    catalog: Catalog, t, asset: str, threads: int, limit: int | None = None
+) -> None:
     from rio_tiler.errors import EmptyMosaicError, TileOutsideBounds
     from rio_tiler.io import Reader
     from rio_tiler.mosaic import mosaic_reader
@@ -158,8 +160,8 @@ def baseline_tile(catalog: Catalog, t, asset: str, threads: int) -> None:
     from rio_tiler.utils import render
 
     bounds = tile_grid("WebMercatorQuad", t.z, t.x, t.y).lonlat_bounds()
-    items = catalog.search_sync(SearchQuery(bbox=bounds, intersects=shapely.box(*bounds)))
-    hrefs = [i.assets[asset] for i in items]
+    query = SearchQuery(bbox=bounds, intersects=shapely.box(*bounds), limit=limit)
+    hrefs = [i.assets[asset] for i in catalog.search_sync(query)]
 
     def read(href: str, x: int, y: int, z: int, **kwargs):
         with Reader(href) as src:

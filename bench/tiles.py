@@ -150,9 +150,7 @@ async def run_terrazzo(engine: Engine, tiles: list, concurrency: int, asset: str
     return summarise(latencies, wall, cpu_seconds(pids) - cpu0, peak_rss_mb(pids))
 
 
-def baseline_tile(
-    catalog: Catalog, t, asset: str, threads: int, limit: int | None = None
-) -> None:
+def baseline_tile(catalog: Catalog, t, asset: str, threads: int, limit: int | None = None) -> None:
     from rio_tiler.errors import EmptyMosaicError, TileOutsideBounds
     from rio_tiler.io import Reader
     from rio_tiler.mosaic import mosaic_reader

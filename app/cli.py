@@ -1,4 +1,4 @@
-"""The `terrazzo` command line: serve, index, demo, plan, bench."""
+"""The `terrazzo` command line: serve, index, demo, overviews, plan, bench."""
 
 from __future__ import annotations
 
@@ -147,6 +147,27 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overviews(args: argparse.Namespace) -> int:
+    from core.overviews import build
+
+    split = lambda text: tuple(v for v in (text or "").split(",") if v.strip())  # noqa: E731
+    report = build(
+        Path(args.catalog),
+        Path(args.out),
+        assets=split(args.assets),
+        method=args.method,
+        max_zoom=args.max_zoom,
+        datetime=args.datetime,
+        collections=split(args.collections),
+        filter=args.filter,
+        sortby=split(args.sortby),
+        dask=args.dask,
+        echo=lambda line: print(line, flush=True),
+    )
+    print("\n".join(report.lines()))
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     from core.catalog import SearchQuery, parse_datetime_range
     from core.engine import Engine, ReadParams
@@ -219,6 +240,41 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--size", type=int, default=1024, help="Pixels per image side.")
     d.add_argument("--force", action="store_true", help="Rebuild even if present.")
     d.set_defaults(run=_demo)
+
+    o = sub.add_parser(
+        "overviews",
+        help="Pre-render low zooms (WebMercatorQuad 0..Z) as a pyramid terrazzo serve "
+        "--pyramid uses.",
+        description="Render zooms 0..Z of CATALOG through the engine's read path into DIR: one "
+        "COG per block (the tile at zoom max(z-4, 0), zoom-z pixels), pyramid.parquet (a "
+        "STAC-GeoParquet of the blocks) and pyramid.json (the recipe and a fingerprint of the "
+        "source items per block). Run it again to re-render only the blocks whose items "
+        "changed. Serve with terrazzo serve --pyramid DIR: tiles of the same request at zooms "
+        "<= Z are then read from the blocks.",
+    )
+    o.add_argument("catalog", help="STAC-GeoParquet file.")
+    o.add_argument("--out", required=True, metavar="DIR", help="Pyramid directory.")
+    o.add_argument("--assets", help="Comma-separated assets (default: the first image asset).")
+    o.add_argument("--method", default="first", help="Mosaic method (default first).")
+    o.add_argument(
+        "--max-zoom",
+        type=int,
+        metavar="Z",
+        help="Finest zoom rendered. Default: the coarsest zoom at which every 256-px tile's "
+        "bbox touches at most 50 items, or the catalog's native zoom if that comes first "
+        "(at most 12); the output says which.",
+    )
+    o.add_argument("--datetime", help="As the tile routes' datetime.")
+    o.add_argument("--collections", help="Comma-separated collection ids.")
+    o.add_argument("--filter", help="CQL2-text or CQL2-JSON, as the tile routes' filter.")
+    o.add_argument("--sortby", default="-datetime", help="Mosaic order (default -datetime).")
+    o.add_argument(
+        "--dask",
+        metavar="ADDRESS",
+        help="Render on a dask.distributed cluster (scheduler address, or 'local' for a "
+        "LocalCluster of 2 workers); workers need the same paths. Needs dask[distributed].",
+    )
+    o.set_defaults(run=_overviews)
 
     pl = sub.add_parser("plan", help="Print the read plan of a tile: items, levels, windows.")
     pl.add_argument("tile", help="z/x/y")

@@ -83,6 +83,7 @@ async def _tile(
     request.app.state.metrics.observe_stages(mosaic.clock)
     headers = {
         "X-Terrazzo-Items": str(len(mosaic.plan.items)),
+        "X-Terrazzo-Source": mosaic.plan.source,  # "pyramid" (pre-rendered) or "dynamic"
         "Server-Timing": mosaic.clock.server_timing({"total": total}),
     }
     if mosaic.errors or mosaic.plan.truncated:
@@ -254,5 +255,5 @@ async def plan(
 ) -> dict:
     engine = _engine(request)
     grid = tile_grid(tileMatrixSetId, z, x, y, tilesize)
-    read_plan = await engine.plan(grid, query, params)
+    read_plan = await engine.plan_read(grid, query, params)  # the pyramid's, if it serves
     return {**read_plan.to_dict(), "text": read_plan.describe()}

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -779,6 +779,50 @@ class Catalog:
             return {"finest_bbox": box(finest), "res_deg": res_deg, "largest_bbox": box(largest)}
 
         return self._per_snapshot(f"resolution:{assets}:{collections}", build)
+
+    def tile_fingerprints(
+        self, query: SearchQuery, zoom: int
+    ) -> list[tuple[int, int, int, str, dt.datetime | None, dt.datetime | None]]:
+        """Per WebMercatorQuad tile at `zoom` that the bboxes of the items matching `query`
+        (datetime, collections, ids, filter; not bbox) touch: (x, y, items, fingerprint,
+        first datetime, last datetime), for `terrazzo overviews`. The fingerprint is the
+        count, XOR and sum of a hash of each whole row (id, datetime, assets, geometry, every
+        property), so adding, removing or changing an item changes the fingerprint of exactly
+        the tiles its bbox touches. Items crossing the antimeridian (xmin > xmax) are left out,
+        as in `resolution_stats`."""
+        self.reload_if_replaced()
+        n = 2 ** int(zoom)
+        where, params = self._where(replace(query, bbox=None))
+        where = (where + " AND" if where else " WHERE") + " bbox.xmax >= bbox.xmin"
+        lat = "least(greatest({}, -85.0511287798), 85.0511287798)"
+
+        def tx(lon: str) -> str:
+            return f"least(greatest(floor(({lon} + 180) / 360 * {n})::BIGINT, 0), {n - 1})"
+
+        def ty(col: str) -> str:
+            r = f"radians({lat.format(col)})"
+            merc = f"ln(tan({r}) + 1 / cos({r}))"
+            return f"least(greatest(floor((1 - {merc} / pi()) / 2 * {n})::BIGINT, 0), {n - 1})"
+
+        when = _datetime_expr(self.columns)
+        rows = (
+            self._cursor()
+            .execute(
+                f"WITH m AS (SELECT hash(it) AS h, {when} AS t, {tx('bbox.xmin')} AS x0,"
+                f" {tx('bbox.xmax')} AS x1, {ty('bbox.ymax')} AS y0, {ty('bbox.ymin')} AS y1"
+                f" FROM items AS it{where}),"
+                " a AS (SELECT h, t, unnest(range(x0, x1 + 1)) AS x, y0, y1 FROM m),"
+                " b AS (SELECT h, t, x, unnest(range(y0, y1 + 1)) AS y FROM a)"
+                " SELECT x, y, count(*), bit_xor(h), sum(h), min(t), max(t) FROM b"
+                " GROUP BY x, y ORDER BY y, x",
+                params,
+            )
+            .fetchall()
+        )
+        return [
+            (int(x), int(y), int(c), f"{c}-{int(xor):016x}-{int(total):x}", lo, hi)
+            for x, y, c, xor, total, lo, hi in rows
+        ]
 
     def _field(self, owner: str, name: str) -> str | None:
         """SQL for column `name` (owner "") or struct field `owner.name`, if the snapshot has

@@ -32,6 +32,7 @@ from core.plan import (
     make_plan,
     transformer,
 )
+from core.pyramid import TMS, Pyramid, tile_zoom
 from core.settings import Settings
 from core.stores import object_store_report
 from core.timing import StageClock
@@ -116,11 +117,13 @@ class Engine:
         )
         self.compute = ComputePool(settings.compute_workers)
         self.fetcher.pool = self.compute  # GDAL-decoded assets decode in the pool
+        # pre-rendered low zooms (terrazzo overviews); its directory is readable too
+        self.pyramid = Pyramid.open(settings.pyramid) if settings.pyramid else None
         dirs = self.catalog.href_dirs()
         self.policy = AccessPolicy.build(
             self.catalog.path.parent,
             used=[remote_prefix(href) for _, _, _, href in dirs if is_url(href)],
-            allow=settings.allow.split(","),
+            allow=[*settings.allow.split(","), *([str(self.pyramid.path)] if self.pyramid else [])],
         )
         self.fetcher.policy = self.policy
         self.fetcher.stores.policy = self.policy  # connect-time check knows --allow'd origins
@@ -148,6 +151,8 @@ class Engine:
     def close(self) -> None:
         self.compute.close()
         self.catalog.close()
+        if self.pyramid is not None:
+            self.pyramid.close()
 
     # -- planning ----------------------------------------------------------------------------
 
@@ -231,7 +236,7 @@ class Engine:
     async def read(self, grid: Grid, query: SearchQuery, params: ReadParams) -> Mosaic | None:
         """Mosaic of every item covering `grid`; None when no item has data there."""
         clock = StageClock()
-        plan = await self.plan(grid, query, params, clock)
+        plan = await self.plan_read(grid, query, params, clock)  # the pyramid's, if it serves
         return await self.complete(plan, query, params, clock)
 
     async def complete(
@@ -387,6 +392,48 @@ class Engine:
         if not valid.any():
             return None
         return Mosaic(data=data, valid=valid, plan=plan, errors=errors, clock=clock)
+
+    async def plan_read(
+        self,
+        grid: Grid,
+        query: SearchQuery,
+        params: ReadParams,
+        clock: StageClock | None = None,
+    ) -> ReadPlan:
+        """The plan `read` executes: a tile the pyramid serves (see `Pyramid.serves`, and
+        built from the catalog in use) is planned against its one block (source "pyramid"),
+        anything else is `plan` over the catalog's items (source "dynamic")."""
+        clock = clock or StageClock()
+        tile = tile_zoom(grid) if self.pyramid is not None else None
+        if tile is None or self.pyramid is None:
+            return await self.plan(grid, query, params, clock)
+        assets = self.resolve_assets(params.assets)
+        resolved = ReadParams(
+            assets=assets,
+            method=params.method,
+            resampling=params.resampling,
+            nodata=params.nodata,
+            unscale=params.unscale,
+        )
+        if not self.pyramid.serves(TMS, tile[0], query, resolved) or not self.pyramid.current(
+            self.catalog, await self.catalog.version_async()
+        ):
+            return await self.plan(grid, query, params, clock)
+        with clock.stage("search"):
+            items = await self.pyramid.catalog.search(self.pyramid.block_query(grid, *tile))
+        hrefs = {h for item in items if not item.error for h in item.assets.values()}
+        with clock.stage("headers"):
+            opened = await asyncio.gather(
+                *(self.fetcher.header(h) for h in hrefs), return_exceptions=True
+            )
+        headers: dict[str, Header | BaseException] = dict(zip(hrefs, opened, strict=True))
+        for value in headers.values():
+            if isinstance(value, asyncio.CancelledError):
+                raise value
+        plan = make_plan(
+            grid, items, headers, assets=assets, method=params.method, resampling="nearest"
+        )
+        return self.pyramid.sourced(plan)
 
     # -- point values --------------------------------------------------------------------------
 

@@ -225,6 +225,7 @@ class ReadPlan:
     resampling: str
     assets: tuple[str, ...]
     items: tuple[ItemRead, ...]
+    source: str = "dynamic"  # where the pixels come from: the items, or "pyramid" blocks
     skipped: tuple[tuple[str, str], ...] = ()  # (item id, why it is not read)
     truncated: bool = False  # a search limit left out items that match (see `search`)
     errors: tuple[tuple[str, str], ...] = field(default=())  # headers that failed to open
@@ -254,6 +255,7 @@ class ReadPlan:
             return d
 
         return {
+            "source": self.source,
             "grid": self.grid.to_dict(),
             "method": self.method,
             "resampling": self.resampling,
@@ -292,6 +294,8 @@ class ReadPlan:
             lines.append(f"  skipped {item_id}: {why}")
         for item_id, why in self.errors:
             lines.append(f"  error {item_id}: {why}")
+        if self.source != "dynamic":
+            lines.append(f"  pixels from: {self.source} (pre-rendered blocks)")
         return "\n".join(lines)
 
 

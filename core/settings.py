@@ -18,6 +18,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TERRAZZO_", extra="ignore")
 
     catalog: Path | None = Field(None, description="STAC-GeoParquet file to serve.")
+    pyramid: Path | None = Field(
+        None, description="Overview pyramid directory (terrazzo overviews) for low zooms."
+    )
     host: str = "127.0.0.1"
     port: int = 8000
 

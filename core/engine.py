@@ -415,9 +415,10 @@ class Engine:
             nodata=params.nodata,
             unscale=params.unscale,
         )
-        if not self.pyramid.serves(TMS, tile[0], query, resolved) or not self.pyramid.current(
-            self.catalog, await self.catalog.version_async()
-        ):
+        if not self.pyramid.serves(TMS, tile[0], query, resolved):
+            return await self.plan(grid, query, params, clock)
+        version = await self.catalog.version_async()  # built from the catalog in use?
+        if not await self.pyramid.current_async(self.catalog, version):
             return await self.plan(grid, query, params, clock)
         with clock.stage("search"):
             items = await self.pyramid.catalog.search(self.pyramid.block_query(grid, *tile))

@@ -16,6 +16,7 @@ items of one block may carry different scale/offset, so `unscale=true` is served
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import json
@@ -180,6 +181,14 @@ class Pyramid:
                 version,
             )
         return False
+
+    async def current_async(self, catalog: Catalog, version: str) -> bool:
+        """`current` off the event loop when it has to hash the catalog file."""
+        if version == self.recipe.get("catalog_version") or (
+            self._hashes is not None and self._hashes[0] == version and self._warned == version
+        ):
+            return self.current(catalog, version)  # a stat at most, no hashing
+        return await asyncio.to_thread(self.current, catalog, version)
 
     def serves(self, tms: str, z: int, query: SearchQuery, params: Any) -> bool:
         """True when tile `z` of `tms` for this search and these read params is what the

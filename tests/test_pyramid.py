@@ -161,6 +161,9 @@ def test_rebuild_renders_only_changed_blocks(tiny: tuple[Path, list[dict]], tmp_
 
     added = _scene(root, "far", -70.0, -30.0, 99)  # another block from zoom 5 on
     catalog = _catalog(root, [*items, added])
+    t = TMS.tile(10.25, 49.75, 6)
+    stale = asyncio.run(_read(catalog, out, tile_grid("WebMercatorQuad", 6, t.x, t.y)))
+    assert stale is not None and stale.plan.source == "dynamic"  # built from another catalog
     report = build(catalog, out, max_zoom=6)
     touched = {f"{z}/0/0" for z in range(5)}  # zooms 0..4: one world block each
     for z in (5, 6):

@@ -213,14 +213,7 @@ class Engine:
         hrefs = {
             item.assets[a] for item in items if not item.error for a in assets if a in item.assets
         }
-        with clock.stage("headers"):
-            opened = await asyncio.gather(
-                *(self.fetcher.header(h) for h in hrefs), return_exceptions=True
-            )
-        headers: dict[str, Header | BaseException] = dict(zip(hrefs, opened, strict=True))
-        for value in headers.values():
-            if isinstance(value, asyncio.CancelledError):
-                raise value
+        headers = await self._headers(hrefs, clock)
         return make_plan(
             grid,
             items,
@@ -230,6 +223,21 @@ class Engine:
             resampling=params.resampling,
             search=found,
         )
+
+    async def _headers(
+        self, hrefs: set[str], clock: StageClock
+    ) -> dict[str, Header | BaseException]:
+        """Each COG header opened (concurrently), or the error that kept it from opening: a
+        failed asset is its item's error in the plan, never the request's; cancellation is."""
+        with clock.stage("headers"):
+            opened = await asyncio.gather(
+                *(self.fetcher.header(h) for h in hrefs), return_exceptions=True
+            )
+        headers: dict[str, Header | BaseException] = dict(zip(hrefs, opened, strict=True))
+        for value in headers.values():
+            if isinstance(value, asyncio.CancelledError):
+                raise value
+        return headers
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -423,14 +431,7 @@ class Engine:
         with clock.stage("search"):
             items = await self.pyramid.catalog.search(self.pyramid.block_query(grid, *tile))
         hrefs = {h for item in items if not item.error for h in item.assets.values()}
-        with clock.stage("headers"):
-            opened = await asyncio.gather(
-                *(self.fetcher.header(h) for h in hrefs), return_exceptions=True
-            )
-        headers: dict[str, Header | BaseException] = dict(zip(hrefs, opened, strict=True))
-        for value in headers.values():
-            if isinstance(value, asyncio.CancelledError):
-                raise value
+        headers = await self._headers(hrefs, clock)
         plan = make_plan(
             grid, items, headers, assets=assets, method=params.method, resampling="nearest"
         )

@@ -141,6 +141,24 @@ def main() -> None:
     )
 
     zooms = range(args.max_zoom + 1)
+    count = len(pick(EUROPE, zooms, args.per_zoom, seed=0))
+    print(
+        f"{args.items} items, z0-z{args.max_zoom}, {count} tiles per side, "
+        f"{args.clients} clients, item limit {args.max_items}, {os.cpu_count()} cores"
+    )
+    print(
+        f"{'side':>10} {'tiles/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'incomplete':>10} "
+        f"{'from pyramid':>12}",
+        flush=True,
+    )
+
+    def row(name: str, r: dict) -> None:
+        print(
+            f"{name:>10} {r['tiles_s']:>8.1f} {r['p50_ms']:>8.0f} {r['p95_ms']:>8.0f} "
+            f"{r['truncated']:>10} {r['pyramid']:>12}",
+            flush=True,
+        )
+
     env = {"TERRAZZO_MAX_ITEMS": str(args.max_items), "TERRAZZO_MAX_INFLIGHT": "256"}
     sides = {}
     for n, (name, extra) in enumerate(
@@ -153,25 +171,13 @@ def main() -> None:
             asyncio.run(run_http(url, pick(EUROPE, range(9, 10), 8, seed=99), 4))  # warm-up
             tiles = pick(EUROPE, zooms, args.per_zoom, seed=n)
             sides[name] = asyncio.run(run_http(url, tiles, args.clients))
+            row(name, sides[name])
         finally:
             proc.terminate()
             proc.wait(timeout=30)
     tiles = pick(EUROPE, zooms, args.per_zoom, seed=2)
     sides["rio-tiler"] = run_rio_tiler(catalog, tiles, args.clients, args.max_items)
-
-    print(
-        f"{args.items} items, z0-z{args.max_zoom}, {len(tiles)} tiles per side, "
-        f"{args.clients} clients, item limit {args.max_items}, {os.cpu_count()} cores"
-    )
-    print(
-        f"{'side':>10} {'tiles/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'incomplete':>10} "
-        f"{'from pyramid':>12}"
-    )
-    for name, r in sides.items():
-        print(
-            f"{name:>10} {r['tiles_s']:>8.1f} {r['p50_ms']:>8.0f} {r['p95_ms']:>8.0f} "
-            f"{r['truncated']:>10} {r['pyramid']:>12}"
-        )
+    row("rio-tiler", sides["rio-tiler"])
     p, d, b = sides["pyramid"], sides["dynamic"], sides["rio-tiler"]
     for other, r in (("dynamic", d), ("rio-tiler", b)):
         print(

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import morecantile
 import numpy as np
 import pytest
 from PIL import Image
@@ -195,3 +196,74 @@ def test_viewer_with_an_api_key(browser: Any, demo_catalog: Path) -> None:
     finally:
         page.close()
         keyed.stop()
+
+
+def test_incomplete_tiles_are_marked(browser: Any, tmp_path: Path) -> None:
+    """A server taking at most 3 items per tile over a catalog with 5 items on area A and one
+    on area B: the page outlines exactly the tiles whose own headers say truncated (A's),
+    never B's complete tiles, and says so in #tile-status."""
+    from tests.test_density import crowded_catalog
+
+    catalog, area_a, area_b = crowded_catalog(tmp_path / "crowded", stack=5)
+    srv = Server(catalog, env={"TERRAZZO_MAX_ITEMS": "3"})
+    page = browser.new_page(viewport={"width": 1000, "height": 700})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        tj = httpx.get(f"{srv.url}/tilejson.json", timeout=60).json()
+        # every tile over A has 5 candidates at any zoom: no zoom is complete
+        assert tj["minzoom"] == tj["maxzoom"]
+        # method=mean: `first` would stop once a tile is covered (exitwhenfull)
+        page.goto(f"{srv.url}/map?method=mean")
+        page.wait_for_function(READY, timeout=60_000)
+        go_to(page, (area_a[0] + area_b[2]) / 2, (area_a[1] + area_a[3]) / 2, tj["maxzoom"] - 1)
+        page.wait_for_timeout(300)  # marks are drawn 50 ms after the last tile
+        page.wait_for_function(READY, timeout=60_000)
+        shown = page.evaluate(
+            "() => { const m = window.terrazzo.map; const f ="
+            " m.querySourceFeatures('incomplete');"
+            " return {keys: window.terrazzo.incomplete, z: window.terrazzo.tileZoom,"
+            " features: [...new Set(f.map(x => x.properties.key))].sort()}; }"
+        )
+        z = shown["z"]
+        assert z == tj["maxzoom"]
+        # the tiles in view at that zoom, fetched by the test with httpx
+        b = page.evaluate(
+            "() => { const b = window.terrazzo.map.getBounds();"
+            " return [b.getWest(), b.getSouth(), b.getEast(), b.getNorth()]; }"
+        )
+        truncated, complete = set(), set()
+        tms = morecantile.tms.get("WebMercatorQuad")
+        for t in tms.tiles(*b, [z]):
+            r = httpx.get(
+                f"{srv.url}/tiles/WebMercatorQuad/{t.z}/{t.x}/{t.y}",
+                params={"method": "mean", "assets": "visual"},
+                timeout=60,
+            )
+            assert r.status_code in (200, 204), r.text
+            key = f"{t.z}/{t.x}/{t.y}"
+            if "x-terrazzo-truncated" in r.headers:
+                truncated.add(key)
+            elif r.status_code == 200:
+                complete.add(key)
+        assert truncated and complete, (truncated, complete)
+        assert sorted(shown["keys"]) == sorted(truncated)
+        assert shown["features"] == sorted(truncated)
+        text = page.inner_text("#tile-status")
+        assert f"{len(truncated)} tiles incomplete: item limit reached" in text, text
+        assert "zoom in or narrow the filter" in text
+        # the outline is drawn: red pixels on the map
+        pixels = map_pixels(page)
+        red = (pixels[..., 0] > 180) & (pixels[..., 1] < 80) & (pixels[..., 2] < 100)
+        assert red.sum() > 500, red.sum()
+        # a filter that leaves 3 items (within the limit): nothing is marked
+        page.select_option("#date", "2024-05-03")
+        page.wait_for_timeout(300)
+        page.wait_for_function(READY, timeout=60_000)
+        page.wait_for_timeout(200)
+        assert page.evaluate("() => window.terrazzo.incomplete") == []
+        assert not page.is_visible("#tile-status")
+    finally:
+        page.close()
+        srv.stop()
+    assert not errors, errors

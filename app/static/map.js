@@ -3,6 +3,10 @@
  * The mosaic is a MapLibre raster source built from /tilejson.json with the current
  * parameters (so the tile URLs are the server's own template); item outlines come from
  * /items?bbox=<view>; clicking asks /point/{lon},{lat} for every covering item's pixel values.
+ * Tiles are fetched through a MapLibre protocol ("terrazzo://"), so the page reads each tile's
+ * X-Terrazzo-Truncated / X-Terrazzo-Errors headers: incomplete tiles in view are outlined (red
+ * dashed and hatched: items left out by a search limit; orange: an item could not be read) and
+ * counted in #tile-status. Complete tiles are never marked.
  * Plain script, no build step: MapLibre is vendored under static/vendor/.
  * Every URL is relative to the page, so the viewer also works under a proxy's path prefix.
  */
@@ -18,6 +22,12 @@ const state = {
   tileUrls: [],
   pointSeq: 0,
   lastPoint: null,
+  // tiles of the current parameters whose response said they are incomplete:
+  // "z/x/y" -> {z, x, y, url, truncated, errors}; cleared when the parameters change
+  tileMarks: new Map(),
+  tileGen: 0, // bumped by every parameter change; late responses of older ones are dropped
+  tileZoom: null, // the zoom of the tiles MapLibre draws now (null: below the minzoom)
+  incomplete: [], // the marks drawn (in view, at tileZoom), for the status line and the tests
 };
 window.terrazzo = state; // for the console and the browser tests
 
@@ -198,6 +208,165 @@ async function applyDefaults() {
   $("colormap").value = colormap;
 }
 
+/* -- incomplete tiles: read each tile's headers ---------------------------------------- */
+
+const PROTOCOL = "terrazzo";
+const TILE_PATH = /\/tiles\/WebMercatorQuad\/(\d+)\/(\d+)\/(\d+)(?:[.@?]|$)/;
+const LIMIT_WORDS = {
+  items_limit: "item limit reached",
+  scan_limit: "candidate limit reached",
+  time_limit: "search time limit reached",
+};
+
+async function fetchTile(params, abortController) {
+  // MapLibre (v4+) protocol: an async function returning {data}; errors look like its own
+  const url = params.url.slice(PROTOCOL.length + 3);
+  const gen = state.tileGen;
+  const response = await fetch(url, { headers: keyHeaders, signal: abortController.signal });
+  const data = await response.arrayBuffer();
+  if (gen === state.tileGen) noteTile(url, response.headers);
+  if (!response.ok) {
+    const error = new Error(`AJAXError: ${response.statusText} (${response.status}): ${url}`);
+    Object.assign(error, { status: response.status, statusText: response.statusText, url });
+    error.body = new Blob([data]);
+    throw error;
+  }
+  return {
+    data,
+    cacheControl: response.headers.get("Cache-Control"),
+    expires: response.headers.get("Expires"),
+  };
+}
+
+function noteTile(url, headers) {
+  const match = TILE_PATH.exec(new URL(url).pathname);
+  if (!match) return;
+  const [z, x, y] = match.slice(1).map(Number);
+  const key = `${z}/${x}/${y}`;
+  const truncated = headers.get("X-Terrazzo-Truncated");
+  const errors = headers.get("X-Terrazzo-Errors");
+  if (truncated || errors) state.tileMarks.set(key, { key, z, x, y, url, truncated, errors });
+  else state.tileMarks.delete(key);
+  refreshMarks();
+}
+
+function tileBounds(z, x, y) {
+  const n = 2 ** z;
+  const lon = (i) => (i / n) * 360 - 180;
+  const lat = (j) => (Math.atan(Math.sinh(Math.PI * (1 - (2 * j) / n))) * 180) / Math.PI;
+  return [lon(x), lat(y + 1), lon(x + 1), lat(y)];
+}
+
+function coveringZoom() {
+  // MapLibre's for a raster source of 256 px tiles, unpitched: round(zoom + 1), overzoomed
+  // past the source's maxzoom, nothing below its minzoom
+  const tj = state.tilejson;
+  if (!state.map || !tj) return null;
+  const z = Math.min(tj.maxzoom, Math.max(0, Math.round(state.map.getZoom() + 1)));
+  return z < tj.minzoom ? null : z;
+}
+
+function marksInView() {
+  // the marked tiles MapLibre shows now: at its covering zoom, inside the view
+  state.tileZoom = coveringZoom();
+  if (state.tileZoom === null) return [];
+  const z = state.tileZoom;
+  const b = state.map.getBounds();
+  const [x0, y0] = lngLatToTile(Math.max(-180, b.getWest()), b.getNorth(), z);
+  const [x1, y1] = lngLatToTile(Math.min(180, b.getEast()), b.getSouth(), z);
+  const wide = b.getEast() - b.getWest() >= 360;
+  return [...state.tileMarks.values()]
+    .filter((m) => m.z === z && (wide || (m.x >= x0 && m.x <= x1)) && m.y >= y0 && m.y <= y1)
+    .sort((a, b) => a.key.localeCompare(b.key));
+}
+
+let marksTimer = null;
+function refreshMarks() {
+  clearTimeout(marksTimer);
+  marksTimer = setTimeout(drawMarks, 50);
+}
+
+function drawMarks() {
+  const source = state.map && state.map.getSource("incomplete");
+  if (!source) return;
+  const marks = marksInView();
+  state.incomplete = marks.map((m) => m.key);
+  source.setData({
+    type: "FeatureCollection",
+    features: marks.map((m) => {
+      const [w, s, e, n] = tileBounds(m.z, m.x, m.y);
+      return {
+        type: "Feature",
+        geometry: { type: "Polygon", coordinates: [[[w, s], [e, s], [e, n], [w, n], [w, s]]] },
+        properties: {
+          key: m.key,
+          kind: m.truncated ? "truncated" : "errors",
+          truncated: m.truncated || "",
+          errors: m.errors || "",
+        },
+      };
+    }),
+  });
+  showTileStatus(marks);
+}
+
+function reasonText(why) {
+  const kind = (why || "").split(":")[0].trim();
+  return LIMIT_WORDS[kind] || why || "items left out";
+}
+
+function showTileStatus(marks) {
+  const lines = [];
+  const truncated = marks.filter((m) => m.truncated);
+  const failed = marks.filter((m) => m.errors);
+  const plural = (n) => `${n} tile${n === 1 ? "" : "s"}`;
+  if (truncated.length) {
+    const reasons = [...new Set(truncated.map((m) => reasonText(m.truncated)))].join(", ");
+    lines.push(`${plural(truncated.length)} incomplete: ${reasons} — zoom in or narrow the filter`);
+  }
+  if (failed.length) {
+    lines.push(`${plural(failed.length)} with items that could not be read: ${failed[0].errors}`);
+  }
+  const tj = state.tilejson;
+  if (tj && state.map && coveringZoom() === null) {
+    lines.push(`No tiles below zoom ${tj.minzoom} (the TileJSON minzoom): zoom in to see the mosaic`);
+  }
+  const status = $("tile-status");
+  status.textContent = lines.join("\n");
+  status.title = [...truncated.map((m) => `${m.key}: ${m.truncated}`), ...failed.map((m) => `${m.key}: ${m.errors}`)].join("\n");
+  status.hidden = !lines.length;
+}
+
+function hatchImage() {
+  // a light diagonal hatch for incomplete tiles (an image, so no sprite is needed)
+  const size = 16;
+  const data = new Uint8Array(size * size * 4);
+  for (let y = 0; y < size; y++) {
+    for (let x = 0; x < size; x++) {
+      if ((x + y) % 8 < 2) data.set([215, 38, 61, 90], (y * size + x) * 4);
+    }
+  }
+  return { width: size, height: size, data };
+}
+
+function addMarkLayers(map) {
+  map.addImage("terrazzo-hatch", hatchImage());
+  map.addSource("incomplete", { type: "geojson", data: { type: "FeatureCollection", features: [] } });
+  map.addLayer({
+    id: "incomplete-hatch", type: "fill", source: "incomplete",
+    filter: ["==", ["get", "kind"], "truncated"],
+    paint: { "fill-pattern": "terrazzo-hatch" },
+  });
+  map.addLayer({
+    id: "incomplete-outline", type: "line", source: "incomplete",
+    paint: {
+      "line-color": ["match", ["get", "kind"], "truncated", "#d7263d", "#f08c00"],
+      "line-width": 2.5,
+      "line-dasharray": [3, 2],
+    },
+  });
+}
+
 /* -- the map ---------------------------------------------------------------------------- */
 
 function viewBbox() {
@@ -258,6 +427,9 @@ async function update() {
     return;
   }
   state.idle = false;
+  state.tileGen += 1; // the marks were for the old parameters
+  state.tileMarks.clear();
+  drawMarks();
   state.map.getSource("mosaic").setUrl(url);
   refreshFootprints();
 }
@@ -331,6 +503,7 @@ async function inspect(lngLat) {
 }
 
 function createMap(bounds) {
+  maplibregl.addProtocol(PROTOCOL, fetchTile);
   const map = new maplibregl.Map({
     container: "map",
     style: {
@@ -342,8 +515,9 @@ function createMap(bounds) {
     fitBoundsOptions: { padding: 24 },
     attributionControl: false,
     transformRequest: (url, type) => {
-      if (type === "Tile") state.tileUrls.push(url);
-      return { url, headers: keyHeaders };
+      if (type !== "Tile") return { url, headers: keyHeaders };
+      state.tileUrls.push(url);
+      return { url: `${PROTOCOL}://${url}` }; // fetchTile reads its headers
     },
   });
   state.map = map;
@@ -363,11 +537,14 @@ function createMap(bounds) {
       filter: ["in", ["get", "id"], ["literal", []]],
       paint: { "line-color": "#d7263d", "line-width": 2.5 },
     });
+    addMarkLayers(map);
     refreshFootprints();
   });
   map.on("moveend", refreshFootprints);
+  map.on("moveend", refreshMarks);
   map.on("idle", () => {
     state.idle = true;
+    drawMarks();
     showReadyStatus();
   });
   map.on("dataloading", (e) => {

@@ -107,7 +107,13 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             allow_origins=[o.strip() for o in settings.cors_origins.split(",") if o.strip()],
             allow_methods=["GET", "POST"],
             allow_headers=["*"],
-            expose_headers=["X-Terrazzo-Items", "X-Terrazzo-Errors", "Server-Timing"],
+            expose_headers=[
+                "X-Terrazzo-Items",
+                "X-Terrazzo-Errors",
+                "X-Terrazzo-Truncated",
+                "X-Terrazzo-Source",
+                "Server-Timing",
+            ],
         )
     app.add_middleware(Guard, settings=settings)
     metrics = app.state.metrics = Metrics()

@@ -160,7 +160,36 @@ async def _describe(
             minzoom,
         )
         minzoom = maxzoom if density.zoom is None else min(max(minzoom, density.zoom), maxzoom)
+        finest = await _pyramid_zoom(engine, tms, tilesize, query, params)
+        if finest is not None and (density.zoom is not None and density.zoom <= finest + 1):
+            minzoom = tms.minzoom  # the pyramid serves 0..finest complete, dynamic reads the rest
     return _bounds(summary, tms), minzoom, maxzoom
+
+
+async def _pyramid_zoom(
+    engine: Engine,
+    tms: TileMatrixSet,
+    tilesize: int | None,
+    query: SearchQuery | None,
+    params: ReadParams | None,
+) -> int | None:
+    """The finest zoom the overview pyramid serves for this request (None: it serves none)."""
+    pyramid = getattr(engine, "pyramid", None)
+    if pyramid is None or tms.id != "WebMercatorQuad" or tilesize not in (None, 256):
+        return None
+    params = params or ReadParams()
+    resolved = ReadParams(
+        assets=engine.resolve_assets(params.assets),
+        method=params.method,
+        resampling=params.resampling,
+        nodata=params.nodata,
+        unscale=params.unscale,
+    )
+    if not pyramid.serves(tms.id, 0, query or SearchQuery(), resolved):
+        return None
+    if not await pyramid.current_async(engine.catalog, await engine.catalog.version_async()):
+        return None
+    return int(pyramid.recipe["max_zoom"])
 
 
 def _query_suffix(request: Request) -> str:

@@ -126,3 +126,15 @@ def test_a_dynamic_z10_tile_over_250_scenes_is_complete(servers, continent: Path
     assert valid.all() and first_valid.all() and (ref.mask > 0).all()
     assert (first_data == ref.data).all(axis=0).mean() > 0.99
     assert (np.rint(data) == ref.data).all(axis=0).mean() > 0.99
+
+
+def test_tilejson_minzoom_says_what_can_be_served_complete(servers) -> None:
+    """With the pyramid every zoom is complete (minzoom 0); without it, TileJSON starts at the
+    first zoom whose tiles fit the item limit. A request the pyramid does not serve (another
+    method) gets the dynamic minzoom."""
+    pyramid_http, dynamic_http = servers
+    dynamic = dynamic_http.get("/tilejson.json").json()["minzoom"]
+    assert dynamic > 0
+    assert pyramid_http.get("/tilejson.json").json()["minzoom"] == 0
+    other = pyramid_http.get("/tilejson.json", params={"method": "highest"}).json()["minzoom"]
+    assert other == dynamic

@@ -111,6 +111,11 @@ def serve_in_thread(app: Any, host: str = "127.0.0.1") -> Iterator[str]:
         thread.join(timeout=15)
 
 
+# Query parameters that plan every item under a tile (skipcovered/exitwhenfull off): for tests
+# that check each item's fate where all items share one footprint (href_catalog's).
+EVERY_ITEM = {"skipcovered": "false", "exitwhenfull": "false"}
+
+
 def href_catalog(good: Path, hrefs: dict[str, str], out: Path) -> Path:
     """A STAC-GeoParquet catalog at `out` of one item per (id, href): geometry and projection
     from the real COG `good`, its asset href replaced (how the access tests plant hostile

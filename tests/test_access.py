@@ -17,7 +17,7 @@ from starlette.staticfiles import StaticFiles
 
 from core.access import AccessDenied, AccessPolicy, internal_address
 from core.cogs import write_cog
-from tests.conftest import Server, href_catalog, serve_in_thread
+from tests.conftest import EVERY_ITEM, Server, href_catalog, serve_in_thread
 
 
 class Counting:
@@ -65,10 +65,6 @@ def web(cog_dir: Path) -> Iterator[tuple[str, Counting]]:
     )
     with serve_in_thread(app) as url:
         yield url, app
-
-
-# every item planned, so that each item's fate is in the plan (the footprints are identical)
-EVERY_ITEM = {"skipcovered": "false", "exitwhenfull": "false"}
 
 
 def catalog(cog_dir: Path, hrefs: dict[str, str]) -> Path:

@@ -36,7 +36,7 @@ from core.cogs import write_cog
 from core.fetch import Fetcher
 from core.httpstore import HTTPRangeStore, ResponseTooLarge
 from core.stores import SignedS3Store, Stores
-from tests.conftest import Server, href_catalog, serve_in_thread
+from tests.conftest import EVERY_ITEM, Server, href_catalog, serve_in_thread
 
 TRANSFORM = Affine(30, 0, 500000, 0, -30, 5000000)
 TILE = "/tiles/12/2150/1471.npy"
@@ -185,7 +185,11 @@ def test_hostile_hrefs_reach_nothing_and_fail_their_items(
         500000 + 128 * 30, 5000000 - 128 * 30
     )
     try:
-        plan = httpx.get(f"{server.url}/plan/WebMercatorQuad/12/2150/1471", timeout=60)
+        plan = httpx.get(
+            f"{server.url}/plan/WebMercatorQuad/12/2150/1471",
+            params=EVERY_ITEM,  # one footprint for all: skipcovered would plan only the newest
+            timeout=60,
+        )
         tile = httpx.get(f"{server.url}{TILE}", timeout=60)
         point = httpx.get(f"{server.url}/point/{lon},{lat}", timeout=60)
     finally:

@@ -29,7 +29,7 @@ from core.indexing import index_items
 from core.plan import Grid, plan_asset
 from core.stores import Stores
 from core.tiffguard import HostileTiff, check_header
-from tests.conftest import Server
+from tests.conftest import EVERY_ITEM, Server
 from tests.hostile_tiffs import CRS, DECODE_TIME, HOSTILE, SIZE, TRANSFORM, base_cog
 
 # RSS the server may gain over serving the good item alone while it meets every hostile file
@@ -238,7 +238,9 @@ def test_server_serves_the_good_item_and_reports_each_hostile_one(
                     assert errors == "", (name, errors)
             # every item at once, and the plan names each refused header
             assert np.array_equal(_npy(http.get(tile)), expected)
-            plan = http.get(f"/plan/WebMercatorQuad/{_tile_over_items()}").json()
+            plan = http.get(
+                f"/plan/WebMercatorQuad/{_tile_over_items()}", params=EVERY_ITEM
+            ).json()  # every item planned: they share one footprint
             refused = {e["id"] for e in plan["errors"]}
             assert refused == set(HOSTILE)
             elapsed = time.perf_counter() - started

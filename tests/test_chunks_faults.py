@@ -8,6 +8,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 from affine import Affine
 from fastapi import FastAPI
 from obstore.store import LocalStore
-from terrazzo.framing import iter_frames, parse_frames
+from terrazzo.framing import Chunk, iter_frames, parse_frames
 
 from app.chunks import StallSafeStream
 from app.main import create_app
@@ -157,6 +158,28 @@ def packbits_catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return href_catalog(cog, {"p": str(cog)}, root / "items.parquet")
 
 
+def _two_chunks(settings: Settings, store: Any) -> tuple[dict, dict[str, Chunk]]:
+    """Chunks `a` and `b` over one COG tile through a real server: a dry run first (opens the
+    header), then `store.armed` and the real read. Returns the dry-run plans and the chunks;
+    asserts the stream ended with its end frame counting both (a cut stream raises)."""
+    engine = Engine(settings, fetcher=Fetcher(stores=Stores(lambda key: store)))
+    body = {
+        "crs": "EPSG:32632",
+        "chunks": [{"id": i, "bbox": BBOX, "width": 16, "height": 16} for i in ("a", "b")],
+    }
+    try:
+        with serve_in_thread(create_app(settings, engine=engine)) as url:
+            plans = httpx.post(url + "/chunks", json=body | {"dry_run": True}, timeout=30).json()
+            store.armed = True
+            r = httpx.post(url + "/chunks", json=body, timeout=30)
+            frames = parse_frames(r.content)  # a cut stream raises (no end frame)
+    finally:
+        engine.close()
+    chunks = {f.id: f for f in frames[:-1]}
+    assert frames[-1].header["chunks"] == 2 and set(chunks) == {"a", "b"}
+    return plans, chunks
+
+
 def test_a_chunk_joining_an_abandoned_tile_fetch_gets_its_pixels(packbits_catalog: Path) -> None:
     """The CI flake (stream cut mid-body): chunk `a` gives up (its timeout) while it alone
     waits for a COG tile, so that shared fetch is cancelled; chunk `b` wants the same tile
@@ -167,22 +190,8 @@ def test_a_chunk_joining_an_abandoned_tile_fetch_gets_its_pixels(packbits_catalo
     settings = Settings(
         catalog=packbits_catalog, chunk_concurrency=1, chunk_timeout_s=3.0, compute_workers=1
     )
-    engine = Engine(settings, fetcher=Fetcher(stores=Stores(lambda key: store)))
-    body = {
-        "crs": "EPSG:32632",
-        "chunks": [{"id": i, "bbox": BBOX, "width": 16, "height": 16} for i in ("a", "b")],
-    }
-    try:
-        with serve_in_thread(create_app(settings, engine=engine)) as url:
-            plans = httpx.post(url + "/chunks", json=body | {"dry_run": True}, timeout=30).json()
-            assert [len(c["plan"]["items"]) for c in plans["chunks"]] == [1, 1]  # headers open
-            store.armed = True
-            r = httpx.post(url + "/chunks", json=body, timeout=30)
-            frames = parse_frames(r.content)  # a cut stream raises (no end frame)
-    finally:
-        engine.close()
-    chunks = {f.id: f for f in frames[:-1]}
-    assert frames[-1].header["chunks"] == 2 and set(chunks) == {"a", "b"}
+    plans, chunks = _two_chunks(settings, store)
+    assert [len(c["plan"]["items"]) for c in plans["chunks"]] == [1, 1]  # headers open
     assert chunks["a"].status == "error" and "timeout" in chunks["a"].error
     assert store.cancelled == 1, "a's tile fetch was cancelled when a gave up"
     assert chunks["b"].status == "ok", chunks["b"].error
@@ -239,21 +248,7 @@ def test_a_cancellation_from_inside_a_chunk_is_that_chunks_error(packbits_catalo
     (it used to end the stream with no end frame, as in the CI flake)."""
     store = CancelsOnceStore(LocalStore())
     settings = Settings(catalog=packbits_catalog, chunk_concurrency=1, compute_workers=1)
-    engine = Engine(settings, fetcher=Fetcher(stores=Stores(lambda key: store)))
-    body = {
-        "crs": "EPSG:32632",
-        "chunks": [{"id": i, "bbox": BBOX, "width": 16, "height": 16} for i in ("a", "b")],
-    }
-    try:
-        with serve_in_thread(create_app(settings, engine=engine)) as url:
-            httpx.post(url + "/chunks", json=body | {"dry_run": True}, timeout=30)  # headers
-            store.armed = True
-            r = httpx.post(url + "/chunks", json=body, timeout=30)
-            frames = parse_frames(r.content)  # a cut stream raises (no end frame)
-    finally:
-        engine.close()
-    chunks = {f.id: f for f in frames[:-1]}
-    assert frames[-1].header["chunks"] == 2 and set(chunks) == {"a", "b"}
+    _, chunks = _two_chunks(settings, store)
     assert chunks["a"].status == "error" and "cancelled inside the read" in chunks["a"].error
     assert chunks["b"].status == "ok", chunks["b"].error
     assert (chunks["b"].data[0] == PACKBITS_DATA[:, 100:116, 100:116]).all()

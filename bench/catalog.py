@@ -530,9 +530,16 @@ class Server:
         for reader in self.readers:
             reader.join(2)
 
-    def tail(self, lines: int = 6) -> str:
+    def tail(self, lines: int = 4, chars: int = 600) -> str:
+        """The last lines of its stderr (else stdout); of a JSON log line, its message's last
+        line (a traceback's exception)."""
         err = [text for _, name, text in self.lines if name == "err" and text.strip()]
-        return " | ".join((err or [text for _, _, text in self.lines])[-lines:])
+        out = []
+        for text in (err or [text for _, _, text in self.lines])[-lines:]:
+            with contextlib.suppress(ValueError, AttributeError, IndexError):
+                text = str(json.loads(text)["msg"]).strip().splitlines()[-1]
+            out.append(text)
+        return " | ".join(out)[-chars:]
 
     def phases(self) -> str:
         """When the start-up lines appeared (s from spawn)."""
@@ -658,7 +665,7 @@ def in_process(catalog: Path, mode: str, cache: Path, timeout: float) -> dict:
         return {"error": f"in-process search: not done in {timeout:.0f} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
-        return {"error": "in-process search failed: " + done.stderr.strip()[-400:]}
+        return {"error": "in-process search failed: " + done.stderr.strip().splitlines()[-1][-400:]}
     return json.loads(lines[-1])
 
 

@@ -104,7 +104,7 @@ def _setting_flags(parser: argparse.ArgumentParser) -> None:
             "help": f"{field.description or ''} (default {field.default}; "
             f"env TERRAZZO_{name.upper()})",
         }
-        if field.annotation is bool:
+        if field.annotation in (bool, bool | None):
             kind = {"action": argparse.BooleanOptionalAction}
         else:
             kind = {
@@ -114,7 +114,7 @@ def _setting_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", **common, **kind)
 
 
-BENCHMARKS = ("tiles", "remote", "chunks", "search", "load")
+BENCHMARKS = ("tiles", "remote", "chunks", "search", "load", "catalog")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -152,7 +152,7 @@ def _overviews(args: argparse.Namespace) -> int:
 
     split = lambda text: tuple(v for v in (text or "").split(",") if v.strip())  # noqa: E731
     report = build(
-        Path(args.catalog),
+        args.catalog,
         Path(args.out),
         assets=split(args.assets),
         method=args.method,
@@ -252,7 +252,9 @@ def parser() -> argparse.ArgumentParser:
         "changed. Serve with terrazzo serve --pyramid DIR: tiles of the same request at zooms "
         "<= Z are then read from the blocks.",
     )
-    o.add_argument("catalog", help="STAC-GeoParquet file.")
+    o.add_argument(
+        "catalog", help="STAC-GeoParquet: a file, a directory or glob of parquet files, or a URL."
+    )
     o.add_argument("--out", required=True, metavar="DIR", help="Pyramid directory.")
     o.add_argument("--assets", help="Comma-separated assets (default: the first image asset).")
     o.add_argument("--method", default="first", help="Mosaic method (default first).")
@@ -278,7 +280,9 @@ def parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="Print the read plan of a tile: items, levels, windows.")
     pl.add_argument("tile", help="z/x/y")
-    pl.add_argument("--catalog", help="STAC-GeoParquet file (env TERRAZZO_CATALOG).")
+    pl.add_argument(
+        "--catalog", help="STAC-GeoParquet file, directory, glob or URL (env TERRAZZO_CATALOG)."
+    )
     pl.add_argument("--tms", default="WebMercatorQuad")
     pl.add_argument("--tilesize", type=int, default=256)
     pl.add_argument("--assets", help="Comma-separated asset names.")

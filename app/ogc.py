@@ -207,7 +207,7 @@ async def _tilejson(
     return {
         "tilejson": "3.0.0",
         "name": "terrazzo",
-        "description": f"Mosaic of {_engine(request).catalog.path.name} ({tms.id})",
+        "description": f"Mosaic of {_engine(request).catalog.name} ({tms.id})",
         "version": "1.0.0",
         "scheme": "xyz",
         "tiles": [template + _query_suffix(request)],

@@ -26,7 +26,7 @@ import re
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote, unquote_to_bytes, urlsplit
@@ -304,10 +304,11 @@ class AccessPolicy:
 
     @classmethod
     def build(
-        cls, catalog_dir: Path, used: Iterable[str], allow: Iterable[str] = ()
+        cls, catalog_dir: Path | None, used: Iterable[str], allow: Iterable[str] = ()
     ) -> AccessPolicy:
-        """Defaults from the catalog (its directory, the remote prefixes its items use)."""
-        roots = [Path(os.path.realpath(catalog_dir))]
+        """Defaults from the catalog (its directory tree, if local; the remote prefixes its
+        items use)."""
+        roots = [Path(os.path.realpath(catalog_dir))] if catalog_dir is not None else []
         explicit: list[str] = []
         for entry in allow:
             entry = entry.strip()
@@ -389,3 +390,47 @@ class AccessPolicy:
         lines += [f"allowed prefix (explicit): {p}" for p in self.explicit]
         lines += [f"refused prefix: {p} ({why})" for p, why in self.refused.items()]
         return lines
+
+
+def audit(
+    policy: AccessPolicy,
+    groups: Iterable[tuple[str, int, str]],
+    count_hrefs: Callable[[list[str]], int],
+) -> list[tuple[int, str, str]]:
+    """(hrefs, an example, why) for what the policy refuses of a catalog's href groups
+    (core.catalog's `href_groups`: one per store prefix or local directory), for the start-up
+    report — without checking every item.
+
+    A remote group is judged by its prefix. A local directory is refused whole when it
+    resolves outside the allowed roots; otherwise only the files in it that are links out of
+    them are, and `count_hrefs` counts the items that name those files, so the honest items
+    of a directory holding one bad link are not reported refused.
+    """
+    refused: list[tuple[int, str, str]] = []
+    for _, count, href in groups:
+        if is_url(href):
+            try:
+                policy.check(href)
+            except AccessDenied as exc:
+                refused.append((count, href, str(exc)))
+            continue
+        directory = os.path.dirname(str(local_path(href))) or "."
+        try:
+            policy.check(directory)
+        except AccessDenied as exc:
+            refused.append((count, href, str(exc).replace(directory, href, 1)))
+            continue
+        bad: list[tuple[str, str]] = []
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if entry.is_symlink():
+                        try:
+                            policy.check(entry.path)
+                        except AccessDenied as exc:
+                            bad.append((entry.path, str(exc)))
+        except OSError:  # a missing directory: its items fail to read, the policy is not why
+            continue
+        if bad:
+            refused.append((count_hrefs([p for p, _ in bad]), bad[0][0], bad[0][1]))
+    return [r for r in refused if r[0] > 0]

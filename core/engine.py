@@ -17,8 +17,8 @@ import numpy as np
 import shapely
 
 from core import compute
-from core.access import AccessDenied, AccessPolicy, is_url, remote_prefix
-from core.catalog import Catalog, SearchQuery, SearchResult
+from core.access import AccessPolicy, audit, is_url, remote_prefix
+from core.catalog import Catalog, CatalogBackend, SearchQuery, SearchResult
 from core.compute import ComputePool, Source, Target
 from core.fetch import Fetcher
 from core.mosaic import METHODS
@@ -96,14 +96,23 @@ class Mosaic:
 class Engine:
     """Owns the three executors and runs reads through them."""
 
-    def __init__(self, settings: Settings, *, fetcher: Fetcher | None = None) -> None:
-        if settings.catalog is None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        fetcher: Fetcher | None = None,
+        catalog: CatalogBackend | None = None,
+    ) -> None:
+        if catalog is None and settings.catalog is None:
             raise ValueError("no catalog: pass --catalog PATH or set TERRAZZO_CATALOG")
         self.settings = settings
-        self.catalog = Catalog(
-            settings.catalog,
+        self.catalog: CatalogBackend = catalog or Catalog(
+            settings.catalog or "",
             threads=settings.search_threads,
             in_memory=settings.catalog_in_memory,
+            cache=settings.catalog_cache,
+            memory_mb=settings.catalog_memory_mb,
+            refresh_s=settings.catalog_refresh_s,
         )
         self.fetcher = fetcher or Fetcher(
             concurrency=settings.fetch_concurrency,
@@ -119,25 +128,15 @@ class Engine:
         self.fetcher.pool = self.compute  # GDAL-decoded assets decode in the pool
         # pre-rendered low zooms (terrazzo overviews); its directory is readable too
         self.pyramid = Pyramid.open(settings.pyramid) if settings.pyramid else None
-        dirs = self.catalog.href_dirs()
+        groups = self.catalog.href_groups()
         self.policy = AccessPolicy.build(
-            self.catalog.path.parent,
-            used=[remote_prefix(href) for _, _, _, href in dirs if is_url(href)],
+            self.catalog.local_root,
+            used=[remote_prefix(href) for _, _, href in groups if is_url(href)],
             allow=[*settings.allow.split(","), *([str(self.pyramid.path)] if self.pyramid else [])],
         )
         self.fetcher.policy = self.policy
         self.fetcher.stores.policy = self.policy  # connect-time check knows --allow'd origins
-        self.refused = self._refused(dirs)
-
-    def _refused(self, dirs: list[tuple[str, int, str, str]]) -> list[tuple[int, str, str]]:
-        """(items, example href, why) for each directory or prefix the policy refuses."""
-        refused = []
-        for _, count, _, href in dirs:
-            try:
-                self.policy.check(href)
-            except AccessDenied as exc:
-                refused.append((count, href, str(exc)))
-        return refused
+        self.refused = audit(self.policy, groups, self.catalog.count_hrefs)
 
     def access_report(self) -> str:
         lines = self.policy.describe()

@@ -52,8 +52,6 @@ from core.pyramid import (
     block_key,
     block_of,
     block_zoom,
-    catalog_version,
-    content_hash,
     utc_now,
 )
 from core.settings import Settings
@@ -126,7 +124,7 @@ class Recipe:
         }
 
 
-def build_settings(catalog: Path, **overrides: Any) -> Settings:
+def build_settings(catalog: Path | str, **overrides: Any) -> Settings:
     """Settings of a build engine: `max_items` (and the other search caps, where they exist)
     huge, so no search is ever cut; the pyramid is never used to build a pyramid."""
     values: dict[str, Any] = {"catalog": catalog, "pyramid": None, "max_items": UNLIMITED}
@@ -465,12 +463,14 @@ def build(
     echo: Callable[[str], None] = lambda line: None,
 ) -> BuildReport:
     """Build or update the pyramid of `catalog` in `out` (see the module docstring)."""
-    catalog, out = Path(catalog).resolve(), Path(out).resolve()
+    if "://" not in str(catalog):  # a local file, directory or glob; URLs stay as given
+        catalog = str(Path(catalog).absolute())
+    out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    version, digest = catalog_version(catalog), content_hash(catalog)
     config = build_settings(catalog, **(settings or {}))
     engine = Engine(config)
     try:
+        version, digest = engine.catalog.version, engine.catalog.content_hash()
         recipe = Recipe(
             catalog=str(catalog),
             assets=engine.resolve_assets(tuple(assets)),

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -62,21 +60,6 @@ def block_key(z: int, bx: int, by: int) -> str:
 def block_id(z: int, bx: int, by: int) -> str:
     """The STAC item id of a block in pyramid.parquet."""
     return f"pyramid-{z}-{bx}-{by}"
-
-
-def catalog_version(path: Path | str) -> str:
-    """A catalog file's version as `Catalog.version_async` says it (inode and mtime, hex)."""
-    st = os.stat(path)
-    return f"{st.st_ino:x}-{st.st_mtime_ns:x}"
-
-
-def content_hash(path: Path | str) -> str:
-    """sha256 of a file (the catalog's content: a copy elsewhere has another inode)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tile_zoom(grid: Grid) -> tuple[int, int, int] | None:
@@ -165,7 +148,7 @@ class Pyramid:
             return True
         if self._hashes is None or self._hashes[0] != version:
             try:
-                self._hashes = (version, content_hash(catalog.path))
+                self._hashes = (version, catalog.content_hash())
             except OSError:
                 self._hashes = (version, "")
         if self._hashes[1] and self._hashes[1] == self.recipe.get("catalog_sha256"):
@@ -176,7 +159,7 @@ class Pyramid:
                 "pyramid %s was built from another version of %s (%s, now %s): serving "
                 "dynamically until terrazzo overviews rebuilds it",
                 self.path,
-                catalog.path,
+                catalog.name,
                 self.recipe.get("catalog_version"),
                 version,
             )

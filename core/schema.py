@@ -32,7 +32,7 @@ class SchemaError(ValueError):
     """A catalog file that cannot be served; the message names the column and the fix."""
 
 
-def check(path: Path, columns: dict[str, str]) -> None:
+def check(path: Path | str, columns: dict[str, str]) -> None:
     """Refuse what no normalisation can serve (at start-up, and for a replacement file)."""
     for required in ("id", "assets"):
         if required not in columns:

@@ -17,7 +17,11 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="TERRAZZO_", extra="ignore")
 
-    catalog: Path | None = Field(None, description="STAC-GeoParquet file to serve.")
+    catalog: str | Path | None = Field(
+        None,
+        description="STAC-GeoParquet to serve: a file, a directory or glob of parquet files "
+        "(hive partitions become columns), or an s3://, gs://, az:// or https:// URL.",
+    )
     pyramid: Path | None = Field(
         None, description="Overview pyramid directory (terrazzo overviews) for low zooms."
     )
@@ -28,8 +32,21 @@ class Settings(BaseSettings):
     allow: str = Field("", description="Extra allowed stores: directories or URL prefixes.")
 
     # Search stage
-    catalog_in_memory: bool = Field(
-        True, description="Load the catalog into memory (~6x file size; ~10x faster searches)."
+    catalog_in_memory: bool | None = Field(
+        None,
+        description="Keep the catalog's search snapshot in memory (true) or in an on-disk "
+        "DuckDB database in catalog_cache (false); unset: in memory below 64 MB of parquet.",
+    )
+    catalog_cache: Path | None = Field(
+        None,
+        description="Directory for on-disk snapshots and downloaded remote catalogs "
+        "(default $XDG_CACHE_HOME/terrazzo or ~/.cache/terrazzo).",
+    )
+    catalog_memory_mb: int = Field(
+        1024, ge=64, description="DuckDB's memory for the catalog (buffer pool, builds), MiB."
+    )
+    catalog_refresh_s: float = Field(
+        30, gt=0, description="How often a remote catalog's ETags are checked for a new version."
     )
     search_threads: int = Field(2, ge=1, description="DuckDB worker threads (one cursor each).")
     max_items: int = Field(

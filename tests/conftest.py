@@ -23,6 +23,10 @@ from core.cogs import stac_item
 from core.demo import build_demo
 from core.indexing import index_items
 
+# On-disk catalog snapshots and downloaded remote catalogs go to a cache directory of this
+# run (inherited by the servers the tests start), never the user's ~/.cache/terrazzo.
+os.environ.setdefault("TERRAZZO_CATALOG_CACHE", tempfile.mkdtemp(prefix="terrazzo-cache-"))
+
 
 @pytest.fixture(scope="session")
 def demo_catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:

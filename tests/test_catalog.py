@@ -56,7 +56,7 @@ def test_bbox_and_footprint(catalog: Catalog) -> None:
     box = (5.4, 0.4, 5.6, 0.6)
     found = catalog.search_sync(SearchQuery(bbox=box, intersects=shapely.box(*box)))
     assert [i.id for i in found] == ["item-005"]  # the triangle's bbox matched, footprint not
-    assert found[0].assets["visual"] == str(catalog.path.parent / "cogs/5.tif")
+    assert found[0].assets["visual"] == str(catalog.local_root / "cogs/5.tif")
 
 
 def test_datetime_collections_ids_sort_limit(catalog: Catalog) -> None:

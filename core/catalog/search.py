@@ -1,0 +1,153 @@
+"""Item searches over a catalog snapshot: bbox candidates in mosaic order, the exact
+footprint test, TiTiler-pgstac's search limits.
+
+Why this shape:
+- DuckDB runs the query without the GIL, but a connection serves one query at a time, so each
+  worker thread of a dedicated ThreadPoolExecutor holds its own cursor (thread-local).
+- Coroutines call `search`/`scan`, which hop to that pool with `loop.run_in_executor`; the
+  event loop never runs SQL.
+- The flat bbox columns of the spatially sorted snapshot let zone maps prune row groups; the
+  exact footprint test (shapely on the WKB geometry) runs only on the few candidates, and
+  only those rows are materialised as items.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Any
+
+from shapely.geometry.base import BaseGeometry
+
+from core import schema
+from core.catalog import sql
+from core.catalog.query import (
+    DEFAULT_LIMIT,
+    Item,
+    SearchQuery,
+    SearchResult,
+    item_problem,
+    parse_footprint,
+)
+from core.catalog.snapshot import Snapshots
+from core.cover import Coverage
+
+
+class Searching(Snapshots):
+    """`search`, `scan` and their sync forms, over the snapshot in use."""
+
+    async def search(self, query: SearchQuery) -> list[Item]:
+        """Run `query` on a search worker thread; never on the event loop."""
+        return (await self.scan(query)).items
+
+    async def scan(self, query: SearchQuery) -> SearchResult:
+        """`search` with how it ended (truncated, full, rows scanned)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.scan_sync, query)
+
+    def search_sync(self, query: SearchQuery) -> list[Item]:
+        return self.scan_sync(query).items
+
+    def scan_sync(self, query: SearchQuery) -> SearchResult:
+        """Candidates (bbox matches) in sort order, page after page, until `limit` items pass
+        the exact footprint test. A page that loses every candidate to the footprint test
+        never hides an older item that truly covers the area: the next page is read.
+
+        With `skipcovered`, an item whose footprint adds no point of `intersects` to those the
+        newer ones cover is left out; with `exitwhenfull` the search ends once every point is
+        covered (core.cover samples the area). Footprints are only a guide: the engine fills
+        what they promised and did not hold (core.engine.Engine.complete).
+        `truncated` is set whenever a matching item was left out by a limit.
+        """
+        self.reload_if_replaced()
+        limit = DEFAULT_LIMIT if query.limit is None else max(0, int(query.limit))
+        text, params = self._build_sql(query)
+        deadline = None if query.time_limit is None else time.monotonic() + query.time_limit
+        area = query.intersects
+        cover = (
+            Coverage(area)
+            if area is not None and (query.skipcovered or query.exitwhenfull)
+            else None
+        )
+        result = SearchResult(items=[])
+        page, offset = limit * 2 + 8, 0
+        while True:
+            rows = self._fetch(f"{text} LIMIT {page} OFFSET {offset}", params, query)
+            for row in rows:
+                if query.scan_limit is not None and result.scanned >= query.scan_limit:
+                    result.truncated = f"scan_limit: {query.scan_limit} candidates scanned"
+                    return result
+                if deadline is not None and time.monotonic() > deadline:
+                    result.truncated = f"time_limit: search stopped after {query.time_limit} s"
+                    return result
+                result.scanned += 1
+                footprint = parse_footprint(row[5])
+                item = self._to_item(row, footprint)
+                points = None  # the cover samples this item's footprint holds
+                if area is not None and item.error is None:
+                    assert footprint is not None  # else item.error says so
+                    if not footprint.intersects(area):
+                        continue
+                    if cover is not None:
+                        points = cover.points(footprint)
+                        if query.skipcovered and not cover.adds(points):
+                            result.covered_skips += 1
+                            continue
+                if len(result.items) >= limit:
+                    result.truncated = f"items_limit: more than {limit} items match"
+                    return result
+                result.items.append(item)
+                if cover is not None:
+                    cover.add(points)
+                    if query.exitwhenfull and cover.full:
+                        result.full = True
+                        return result
+            if len(rows) < page:
+                return result
+            offset += page
+            page *= 4
+
+    def _build_sql(self, query: SearchQuery) -> tuple[str, list[Any]]:
+        where, params = sql.where(query, self.columns)
+        props = self._property_columns()
+        select = ", ".join(
+            [
+                "id",
+                sql.collection_expr(self.columns),
+                sql.datetime_expr(self.columns),
+                "bbox",
+                "assets",
+                "geometry::BLOB",
+            ]
+            + [sql.quote(p) for p in props]
+        )
+        text = f"SELECT {select} FROM items{where}"
+        return text + " ORDER BY " + sql.order_by(query.sortby, self.columns), params
+
+    def _property_columns(self) -> list[str]:
+        return [c for c in ("proj:code", "proj:epsg", "raster:bands") if c in self.columns]
+
+    def _to_item(self, row: tuple[Any, ...], footprint: BaseGeometry | None) -> Item:
+        item_id, collection, when, bbox, assets, _wkb, *props = row
+        names = self._property_columns()
+        box = (bbox["xmin"], bbox["ymin"], bbox["xmax"], bbox["ymax"]) if bbox else (math.nan,) * 4
+        properties = dict(zip(names, props, strict=True))
+        return Item(
+            id=item_id,
+            collection=collection,
+            datetime=when,
+            error=item_problem(box, footprint),
+            bbox=box,
+            assets={
+                name: self.source.resolve_href(asset["href"])
+                for name, asset in (assets or {}).items()
+                if asset is not None and asset.get("href")
+            },
+            properties=properties,
+            raster_bands={
+                name: schema.raster_bands(asset, properties.get("raster:bands"))
+                for name, asset in (assets or {}).items()
+                if asset is not None
+            },
+        )

@@ -207,7 +207,9 @@ class Engine:
         clock = clock or StageClock()
         assets = self.resolve_assets(params.assets)
         with clock.stage("search"):
-            found = await self.search(grid, query, params.method)
+            found = await self.search(
+                grid, dataclasses.replace(query, assets=assets), params.method
+            )
         items = [item for item in found.items if item.id not in exclude]
         hrefs = {
             item.assets[a] for item in items if not item.error for a in assets if a in item.assets

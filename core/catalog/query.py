@@ -46,6 +46,7 @@ class SearchQuery:
     # None: the caller's default (the engine turns both on for method `first`; the catalog off)
     exitwhenfull: bool | None = None  # stop once the footprints so far cover `intersects`
     skipcovered: bool | None = None  # leave out items whose footprint newer ones already cover
+    assets: tuple[str, ...] = ()  # the assets the read needs (items carry only those); (): all
 
     def __post_init__(self) -> None:
         """Bounded before any SQL is built: every id and collection becomes a bound value."""

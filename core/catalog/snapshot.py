@@ -27,8 +27,11 @@ import asyncio
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -96,18 +99,14 @@ class Snapshots:
         self.in_memory_setting = in_memory
         self._generation = 0
         self._root = duckdb.connect(config={"threads": 1})
-        self._root.execute(f"SET memory_limit = '{int(memory_mb)}MB'")
+        self.memory_mb = int(memory_mb)
+        self._root.execute(f"SET memory_limit = '{self.memory_mb}MB'")
         # what does not fit (a build's sort, an in-memory snapshot's overflow) spills here,
         # not into the working directory
         spill = self.cache / "tmp"
         spill.mkdir(parents=True, exist_ok=True)
         self._root.execute(f"SET temp_directory = '{sql.string(str(spill))}'")
-        # Geometries stay WKB bytes: DuckDB's GeoParquet conversion parses every geometry at
-        # load and one garbage WKB fails the whole catalog; shapely checks each item instead.
-        self._root.execute("SET enable_geoparquet_conversion = false")
-        # TIMESTAMPTZ values reach Python in the session's zone, the machine's by default:
-        # UTC, so a server under TZ=Asia/Tokyo labels an item 23:00Z as 23:00Z
-        self._root.execute("SET TimeZone = 'UTC'")
+        _settings(self._root)
         self._attached: list[tuple[str, Path | None]] = []
         self._local = threading.local()
         self._cursors: list[duckdb.DuckDBPyConnection] = []
@@ -137,11 +136,15 @@ class Snapshots:
         started = time.monotonic()
         if in_memory:
             self._root.execute(f"ATTACH ':memory:' AS {alias}")
+            # the sort may need more than the serving limit; the table stays in RAM anyway
+            self._root.execute("RESET memory_limit")
             try:
-                self._build(alias, parts)
+                build(self._root, alias, parts, self.source.hive, self.source.spec)
             except BaseException:
                 self._root.execute(f"DETACH {alias}")
                 raise
+            finally:
+                self._root.execute(f"SET memory_limit = '{self.memory_mb}MB'")
             path = None
         else:
             path = self._disk_snapshot(key, parts)
@@ -188,12 +191,7 @@ class Snapshots:
             tmp = path.with_suffix(f".building-{os.getpid()}")
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
-            alias = f"build_{self._generation}"
-            self._root.execute(f"ATTACH '{sql.string(str(tmp))}' AS {alias}")
-            try:
-                self._build(alias, parts)
-            finally:
-                self._root.execute(f"DETACH {alias}")
+            _build_in_child(tmp, parts, self.source.hive, self.source.spec, self.cache / "tmp")
             os.replace(tmp, path)
             in_use = {p for _, p in self._attached}
             for old in folder.glob(f"{family}-*.duckdb"):  # earlier versions of this source
@@ -201,48 +199,6 @@ class Snapshots:
                     with contextlib.suppress(OSError):  # a process reading it keeps its copy
                         old.unlink()
             return path
-
-    def _build(self, alias: str, parts: list[Part]) -> None:
-        """Read the parts through the schema layer into `alias`.items (sorted, flat bbox),
-        then the start-up summaries. Raises schema.SchemaError for a file it cannot serve."""
-        files = ", ".join(f"'{sql.string(p.path)}'" for p in parts)
-        options = ", hive_partitioning = true, union_by_name = true" if self.source.hive else ""
-        options = options or ", hive_partitioning = false"
-        scan = f"read_parquet([{files}]{options})"
-        bounds = f"bounds_{self._generation}"
-        con = self._root
-        con.execute(f"SET threads = {max(1, os.cpu_count() or 1)}")  # the build may use all
-        try:
-            raw = {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM {scan}").fetchall()}
-            schema.check(self.source.spec, raw)
-            normalised, _ = schema.select(scan, raw, bounds)
-            if "bbox" not in raw:  # only a geometry: derive each item's bbox from it
-                derived = schema.derive_bbox(
-                    lambda: con.sql(f"SELECT geometry::BLOB FROM {scan}").to_arrow_table()
-                )
-                con.register("derived_bbox", derived)
-                con.execute(f"CREATE TEMP TABLE {bounds} AS SELECT * FROM derived_bbox")
-                con.unregister("derived_bbox")
-            flat = ", ".join(
-                f"bbox.{k} AS {c}"
-                for k, c in zip(("xmin", "ymin", "xmax", "ymax"), sql.BBOX, strict=True)
-            )
-            con.execute(
-                f"CREATE TABLE {alias}.items AS SELECT *, {flat} FROM ({normalised})"
-                f" ORDER BY {_zorder()} NULLS LAST"
-            )
-            con.execute(f"DROP TABLE IF EXISTS {bounds}")
-            columns = {
-                r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM {alias}.items").fetchall()
-            }
-            names = asset_names(con, f"{alias}.items", columns)
-            con.execute(f"CREATE TABLE {alias}.hrefs AS {href_groups_sql(alias, names)}")
-            con.execute(f"CREATE TABLE {alias}.problems AS {problems_sql(alias, columns, names)}")
-        except duckdb.Error as exc:
-            reason = str(exc).splitlines()[0]
-            raise schema.SchemaError(f"{self.source.spec}: cannot be read ({reason})") from exc
-        finally:
-            con.execute("SET threads = 1")
 
     # -- noticing a replaced catalog -------------------------------------------------------------
 
@@ -369,6 +325,103 @@ def href_groups_sql(alias: str, names: list[str]) -> str:
     return " UNION ALL ".join(selects)
 
 
+def _settings(con: duckdb.DuckDBPyConnection) -> None:
+    """The session settings of every catalog connection:
+    - geometries stay WKB bytes: DuckDB's GeoParquet conversion parses every geometry at load
+      and one garbage WKB fails the whole catalog; shapely checks each item instead;
+    - TIMESTAMPTZ values reach Python in the session's zone, the machine's by default: UTC, so
+      a server under TZ=Asia/Tokyo labels an item 23:00Z as 23:00Z;
+    - every query that needs an order says so (ORDER BY), so DuckDB may stream the rest (a
+      build's sort fits its memory limit only then)."""
+    con.execute("SET enable_geoparquet_conversion = false")
+    con.execute("SET TimeZone = 'UTC'")
+    con.execute("SET preserve_insertion_order = false")
+
+
+def build(
+    con: duckdb.DuckDBPyConnection, alias: str, parts: list[Part], hive: bool, spec: str
+) -> None:
+    """Read the parts through the schema layer into `alias`.items (sorted along the Z-order
+    key, flat bbox), then the start-up summaries. Raises schema.SchemaError for a catalog it
+    cannot serve."""
+    files = ", ".join(f"'{sql.string(p.path)}'" for p in parts)
+    options = (
+        "hive_partitioning = true, union_by_name = true" if hive else "hive_partitioning = false"
+    )
+    scan = f"read_parquet([{files}], {options})"
+    bounds = "derived_bounds"
+    con.execute(f"SET threads = {max(1, os.cpu_count() or 1)}")  # the build may use all
+    try:
+        raw = {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM {scan}").fetchall()}
+        schema.check(spec, raw)
+        normalised, _ = schema.select(scan, raw, bounds)
+        if "bbox" not in raw:  # only a geometry: derive each item's bbox from it
+            derived = schema.derive_bbox(
+                lambda: con.sql(f"SELECT geometry::BLOB FROM {scan}").to_arrow_table()
+            )
+            con.register("derived_bbox", derived)
+            con.execute(f"CREATE OR REPLACE TEMP TABLE {bounds} AS SELECT * FROM derived_bbox")
+            con.unregister("derived_bbox")
+        flat = ", ".join(
+            f"bbox.{k} AS {c}"
+            for k, c in zip(("xmin", "ymin", "xmax", "ymax"), sql.BBOX, strict=True)
+        )
+        con.execute(
+            f"CREATE TABLE {alias}.items AS SELECT *, {flat} FROM ({normalised})"
+            f" ORDER BY {_zorder()} NULLS LAST"
+        )
+        con.execute(f"DROP TABLE IF EXISTS {bounds}")
+        columns = {
+            r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM {alias}.items").fetchall()
+        }
+        names = asset_names(con, f"{alias}.items", columns)
+        con.execute(f"CREATE TABLE {alias}.hrefs AS {href_groups_sql(alias, names)}")
+        con.execute(f"CREATE TABLE {alias}.problems AS {problems_sql(alias, columns, names)}")
+    except duckdb.Error as exc:
+        reason = str(exc).splitlines()[0]
+        raise schema.SchemaError(f"{spec}: cannot be read ({reason})") from exc
+    finally:
+        con.execute("SET threads = 1")
+
+
+def _build_in_child(out: Path, parts: list[Part], hive: bool, spec: str, spill: Path) -> None:
+    """`build` into the database file `out` in a child process: a build sorts every row (GBs
+    at 10M items, spilled under DuckDB's default memory limit), and that memory goes back to
+    the system when the child exits instead of staying in the server's heap."""
+    job = {"out": str(out), "parts": [p.path for p in parts], "hive": hive, "spec": spec}
+    job["spill"] = str(spill)
+    done = subprocess.run(
+        [sys.executable, "-m", "core.catalog.snapshot", json.dumps(job)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode == 0:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        out.unlink()
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    message = lines[-1] if lines else f"exit status {done.returncode}"
+    if done.returncode == 2:  # the child's SchemaError: the catalog, not the machine
+        raise schema.SchemaError(message)
+    raise RuntimeError(f"{spec}: building the catalog snapshot failed ({message})")
+
+
+def _child(job: dict[str, Any]) -> int:
+    con = duckdb.connect(config={"temp_directory": job["spill"]})
+    try:
+        _settings(con)
+        con.execute(f"ATTACH '{sql.string(job['out'])}' AS built")
+        parts = [Part(str(i), "", path) for i, path in enumerate(job["parts"])]
+        build(con, "built", parts, job["hive"], job["spec"])
+        con.execute("DETACH built")
+    except schema.SchemaError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    finally:
+        con.close()
+    return 0
+
+
 def asset_names(
     con: duckdb.DuckDBPyConnection, relation: str, columns: dict[str, str]
 ) -> list[str]:
@@ -444,3 +497,7 @@ def check_catalog(spec: str | os.PathLike[str], cache: Path | None = None) -> No
         schema.check(os.fspath(spec), {row[0]: row[1] for row in rows})
     finally:
         con.close()
+
+
+if __name__ == "__main__":
+    sys.exit(_child(json.loads(sys.argv[1])))

@@ -28,6 +28,7 @@ from core.plan import TileError
 from core.settings import Settings
 
 log = logging.getLogger("terrazzo")
+WARM_MODULES = ("app.encoders",)  # every compute worker imports them before its first job
 
 
 class LoopLag:
@@ -75,10 +76,14 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own = engine is None
-        app.state.engine = engine or Engine(settings)
+        # the compute workers start (and import the encoders) while the catalog opens
+        app.state.engine = engine or Engine(settings, warm=WARM_MODULES)
         app.state.lag = LoopLag(observe=metrics.loop_lag.observe)
         probe = asyncio.ensure_future(app.state.lag.run())
-        await asyncio.to_thread(app.state.engine.compute.warm, ("app.encoders",))
+        if own:
+            await asyncio.to_thread(app.state.engine.warmed)
+        else:
+            await asyncio.to_thread(app.state.engine.compute.warm, WARM_MODULES)
         log.info("serving %s", await app.state.engine.catalog.summary_async())
         print(app.state.engine.access_report(), flush=True)
         print(await app.state.engine.catalog.report_async(), flush=True)

@@ -409,6 +409,9 @@ class _Worker:
                 raise _Died(f"died ({self._exit_reason()})")
 
 
+_PRELOAD = ("core.compute", "rasterio.warp", "numpy")  # imported once, in the forkserver
+
+
 class ComputePool:
     """Compute worker processes that the event loop awaits; a dead worker is replaced.
 
@@ -430,7 +433,7 @@ class ComputePool:
         self.abandon_grace = abandon_grace
         self.start_timeout = start_timeout
         self._context = multiprocessing.get_context("forkserver")
-        self._context.set_forkserver_preload(["core.compute", "rasterio.warp", "numpy"])
+        self._context.set_forkserver_preload(list(_PRELOAD))
         self._modules: tuple[str, ...] = ()  # imported by every worker before it is ready
         self._jobs: collections.deque[_Job] = collections.deque()
         self._cond = threading.Condition()
@@ -500,6 +503,9 @@ class ComputePool:
         """Start every worker now and import `modules` in each (blocking), so the first tile
         does not pay for it; replacements import them before they say they are ready."""
         self._modules = tuple(modules)  # before the first start: workers import them at once
+        # and the forkserver too, if it has not started yet: every worker forked from it then
+        # has them already (the first start and each restart after a crash)
+        self._context.set_forkserver_preload([*_PRELOAD, *self._modules])
         futures = [self.submit(_warm, self._modules) for _ in range(self.workers * 2)]
         for future in futures:
             future.result(self.start_timeout)

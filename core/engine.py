@@ -8,6 +8,7 @@ compute in the process pool — and the engine only moves plain data between the
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -102,18 +103,31 @@ class Engine:
         *,
         fetcher: Fetcher | None = None,
         catalog: CatalogBackend | None = None,
+        warm: tuple[str, ...] | None = None,
     ) -> None:
+        """`warm`: start the compute workers now and import these modules in them, while the
+        catalog opens (its snapshot may take seconds to build); `warmed()` waits for it."""
         if catalog is None and settings.catalog is None:
             raise ValueError("no catalog: pass --catalog PATH or set TERRAZZO_CATALOG")
         self.settings = settings
-        self.catalog: CatalogBackend = catalog or Catalog(
-            settings.catalog or "",
-            threads=settings.search_threads,
-            in_memory=settings.catalog_in_memory,
-            cache=settings.catalog_cache,
-            memory_mb=settings.catalog_memory_mb,
-            refresh_s=settings.catalog_refresh_s,
-        )
+        self.compute = ComputePool(settings.compute_workers)
+        self._warming: concurrent.futures.Future[list[int]] | None = None
+        if warm is not None:
+            starter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="terrazzo-warm")
+            self._warming = starter.submit(self.compute.warm, warm)
+            starter.shutdown(wait=False)
+        try:
+            self.catalog: CatalogBackend = catalog or Catalog(
+                settings.catalog or "",
+                threads=settings.search_threads,
+                in_memory=settings.catalog_in_memory,
+                cache=settings.catalog_cache,
+                memory_mb=settings.catalog_memory_mb,
+                refresh_s=settings.catalog_refresh_s,
+            )
+        except BaseException:
+            self.compute.close()
+            raise
         self.fetcher = fetcher or Fetcher(
             concurrency=settings.fetch_concurrency,
             cache_size=settings.header_cache_size,
@@ -124,7 +138,6 @@ class Engine:
             max_read_bytes=settings.max_read_mb * 2**20,
             header_timeout=settings.header_read_timeout_s,
         )
-        self.compute = ComputePool(settings.compute_workers)
         self.fetcher.pool = self.compute  # GDAL-decoded assets decode in the pool
         # pre-rendered low zooms (terrazzo overviews); its directory is readable too
         self.pyramid = Pyramid.open(settings.pyramid) if settings.pyramid else None
@@ -137,6 +150,11 @@ class Engine:
         self.fetcher.policy = self.policy
         self.fetcher.stores.policy = self.policy  # connect-time check knows --allow'd origins
         self.refused = audit(self.policy, groups, self.catalog.count_hrefs)
+
+    def warmed(self) -> None:
+        """Wait for the warm-up started by `Engine(..., warm=...)` (raises what it raised)."""
+        if self._warming is not None:
+            self._warming.result()
 
     def access_report(self) -> str:
         lines = self.policy.describe()

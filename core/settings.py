@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     catalog_in_memory: bool | None = Field(
         None,
         description="Keep the catalog's search snapshot in memory (true) or in an on-disk "
-        "DuckDB database in catalog_cache (false); unset: in memory below 64 MB of parquet.",
+        "DuckDB database in catalog_cache (false); unset: in memory below 16 MB of parquet.",
     )
     catalog_cache: Path | None = Field(
         None,

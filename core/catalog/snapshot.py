@@ -12,7 +12,8 @@ snapshot is a DuckDB database built once per catalog version from the parquet pa
   buffer manager under `catalog_memory_mb`: the RSS does not grow with the catalog, and a
   restart opens the built database in milliseconds (the file name is the digest of the
   source's parts and stamps, so a changed catalog is a new file); or in memory for small
-  catalogs (below IN_MEMORY_MAX_BYTES of parquet, unless told otherwise);
+  catalogs (below IN_MEMORY_MAX_BYTES of parquet, unless told otherwise: 50 MB of
+  Sentinel-2-shaped parquet, 200k items, took 1.2 GB in memory against 0.76 GB on disk);
 - with what start-up needs precomputed once per version: the href groups the access policy
   is derived from and the content problems of the start-up report.
 
@@ -49,7 +50,7 @@ from core.catalog.sources import Part, Source
 log = logging.getLogger("terrazzo.catalog")
 
 FORMAT = 1  # the snapshot layout; a cached database of another format is rebuilt
-IN_MEMORY_MAX_BYTES = 64 << 20  # parquet below this is snapshotted in memory by default
+IN_MEMORY_MAX_BYTES = 16 << 20  # parquet below this is snapshotted in memory by default
 _SPREAD = (  # Morton bit spreading of a 16-bit integer (interleave with zeros)
     (8, 0x00FF00FF),
     (4, 0x0F0F0F0F),

@@ -13,10 +13,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from rio_tiler.colormap import cmap
-from rio_tiler.utils import linear_rescale, render
 
 from app import png
+
+# rio_tiler is imported where it is used: importing it costs ~0.7 s (it imports xarray and
+# pandas), which the server's start-up would pay before the catalog opens; app.main imports it
+# while the catalog and the compute workers start (WARM_MODULES)
 
 FORMATS = {
     "png": ("PNG", "image/png"),
@@ -34,16 +36,20 @@ class EncodeError(ValueError):
 
 
 def colormap_names() -> list[str]:
+    from rio_tiler.colormap import cmap
+
     return sorted(cmap.list())
 
 
 def check_colormap(name: str | None) -> None:
-    if name is not None and name not in cmap.list():
+    if name is not None and name not in colormap_names():
         raise EncodeError(f"colormap_name: unknown {name!r}; e.g. viridis, terrain, gray")
 
 
 def apply_rescale(data: np.ndarray, rescale: Sequence[tuple[float, float]]) -> np.ndarray:
     """Stretch band i from rescale[i] (the last range repeats) to 0..255 uint8."""
+    from rio_tiler.utils import linear_rescale
+
     out = np.empty(data.shape, dtype="uint8")
     for band in range(data.shape[0]):
         lo, hi = rescale[min(band, len(rescale) - 1)]
@@ -63,6 +69,9 @@ def encode(
     transform: tuple[float, ...] | None = None,
 ) -> bytes:
     """Render one tile. Raises EncodeError when the format cannot hold the data as asked."""
+    from rio_tiler.colormap import cmap
+    from rio_tiler.utils import render
+
     if rescale:
         data = apply_rescale(data, rescale)
     colormap = None

@@ -13,7 +13,14 @@ from pydantic import BaseModel, Field, model_validator
 
 from app.encoders import CHUNKS_MEDIA_TYPE, chunk_frame, frame
 from core.catalog import SearchQuery, parse_datetime_range
-from core.chunks import GROUP_BY, ChunkSpec, check_dtype, check_limits, stream_chunks
+from core.chunks import (
+    GROUP_BY,
+    ChunkSpec,
+    check_crs,
+    check_dtype,
+    check_limits,
+    stream_chunks,
+)
 from core.engine import ReadParams
 from core.filters import parse as parse_filter
 
@@ -24,6 +31,7 @@ FRAMING = """
 The response (`application/x-terrazzo-chunks`) is a stream of frames, one per chunk in completion
 order, then an end frame. Each frame is `b"TZCH"`, a little-endian uint32 header length, a UTF-8
 JSON header, and the payload. The header carries `id`, `status` (`ok`, `empty`, `error`), `error`,
+`retry` (true when asking again may succeed: a timeout; false when the request must change),
 `item_errors`, `truncated` (which search limit left items out, or null), `dtype`, `shape` `[time,
 band, y, x]`, `transform`, `crs`, `time` labels and `payload` = `{"data": [offset, length], "mask":
 [offset, length]}`: data in C order, little-endian; mask `(time, y, x)` packed with `numpy.packbits`
@@ -101,6 +109,7 @@ def _specs(body: ChunksRequest) -> list[ChunkSpec]:
 async def chunks(request: Request, body: ChunksRequest) -> Any:
     engine = request.app.state.engine
     check_dtype(body.dtype)
+    check_crs(body.crs)
     specs = _specs(body)
     check_limits(
         specs,
@@ -119,6 +128,7 @@ async def chunks(request: Request, body: ChunksRequest) -> Any:
         exitwhenfull=body.exitwhenfull,
         skipcovered=body.skipcovered,
     )
+    await engine.catalog.check(query)  # a bad sortby or filter: one 400, not an error per chunk
     params = ReadParams(
         assets=engine.resolve_assets(tuple(body.assets)),
         bidx=tuple(body.bidx),

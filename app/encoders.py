@@ -129,6 +129,7 @@ def chunk_frame(result: Any) -> bytes:
         "id": result.id,
         "status": result.status,
         "error": result.error,
+        "retry": result.retry,  # an error worth asking again for (else the request must change)
         "crs": g.crs,
         "transform": list(g.transform)[:6],
         "width": g.width,

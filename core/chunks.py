@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyproj
 
 from core.bounded import run_bounded
 from core.catalog import SearchQuery
@@ -84,6 +86,9 @@ class ChunkResult:
     valid: np.ndarray | None = None
     time: list[str | None] = field(default_factory=list)
     error: str | None = None
+    # whether asking again may succeed: a timeout or a read cancelled from inside may; a bad
+    # parameter, an unreadable item (the server already retried its store) or a bug will not
+    retry: bool = False
     items: int = 0
     item_errors: list[tuple[str, str]] = field(default_factory=list)
     truncated: str = ""  # which search limit left matching items out ("" when none did)
@@ -158,12 +163,14 @@ async def read_chunk(
     except TimeoutError:
         result.status = "error"
         result.error = f"timeout: not done in {engine.settings.chunk_timeout_s} s"
+        result.retry = True
     except asyncio.CancelledError as exc:
         task = asyncio.current_task()
         if task is None or task.cancelling():
             raise  # this chunk was cancelled
         result.status = "error"
         result.error = f"cancelled inside the read, not by this request ({describe_error(exc)})"
+        result.retry = True
     except ReadFailed as exc:
         result.status = "error"
         result.error = str(exc)
@@ -266,6 +273,18 @@ OUTPUT_DTYPES = frozenset(
     )
     for bits in sizes
 )
+
+
+@functools.lru_cache(maxsize=64)
+def check_crs(crs: str) -> None:
+    """Refuse a CRS pyproj cannot read, once per request (not as an error in every chunk)."""
+    try:
+        pyproj.CRS.from_user_input(crs)
+    except pyproj.exceptions.CRSError as exc:
+        reason = str(exc).splitlines()[0][:200]
+        raise ParamError(
+            f"crs: {crs[:80]!r} is not a CRS ({reason}); e.g. EPSG:32632, an OGC URN or WKT"
+        ) from None
 
 
 def check_dtype(dtype: str | None) -> None:

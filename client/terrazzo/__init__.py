@@ -6,15 +6,28 @@ da = client.read(bbox, crs="EPSG:32632", resolution=30, assets=["visual"])
 """
 
 from terrazzo.client import AsyncClient, Client, Config
-from terrazzo.errors import ReadInterrupted, ServerError, TerrazzoError, TransientError
+from terrazzo.errors import (
+    ChunkError,
+    ItemError,
+    ItemErrorWarning,
+    NoItemsFound,
+    ReadInterrupted,
+    ServerError,
+    TerrazzoError,
+    TransientError,
+)
 from terrazzo.framing import Chunk, FramingError, iter_frames, parse_frames
 
 __all__ = [
     "AsyncClient",
     "Chunk",
+    "ChunkError",
     "Client",
     "Config",
     "FramingError",
+    "ItemError",
+    "ItemErrorWarning",
+    "NoItemsFound",
     "ReadInterrupted",
     "ServerError",
     "TerrazzoError",

@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 
 from terrazzo import layout
-from terrazzo.errors import ReadInterrupted, ServerError, TransientError
+from terrazzo.errors import ChunkError, ReadInterrupted, ServerError, TransientError
 from terrazzo.framing import MEDIA_TYPE, Chunk, FramingError, aiter_frames
 
 T = TypeVar("T")
@@ -222,10 +222,12 @@ class AsyncClient:
         finished: dict[str, Chunk] | None = None,
         progress: bool | None = None,
     ) -> dict[str, Chunk]:
-        """Every chunk by id, in batches per request, retried; resumable when interrupted.
+        """Every chunk's final answer by id, in batches per request; resumable when interrupted.
 
-        Chunks already in `finished` are not read again. A chunk the server reports as an
-        error is retried with its batch; after the last retry the read is interrupted.
+        Chunks already in `finished` are not read again. A chunk error the server marks as
+        worth retrying (a timeout) is retried with its batch, and after the last retry the
+        read is interrupted (ReadInterrupted); any other chunk error is returned as that
+        chunk's answer (status "error"), never retried: `terrazzo.layout.check_errors` raises it.
         """
         done: dict[str, Chunk] = dict(finished or {})
         todo = [c for c in chunks if c["id"] not in done]
@@ -238,13 +240,21 @@ class AsyncClient:
             pending = {c["id"]: c for c in batch}
 
             async def attempt() -> None:
+                errors: list[str] = []
                 async for chunk in self.stream_chunks(list(pending.values()), body):
-                    if chunk.id in pending and chunk.status in ("ok", "empty"):
+                    if chunk.id not in pending:
+                        continue
+                    # a chunk error the server says asking again will not fix is its final
+                    # answer (the caller's errors= decides); only the others are retried
+                    if chunk.status in ("ok", "empty") or not chunk.header.get("retry", True):
                         done[chunk.id] = chunk
                         del pending[chunk.id]
                         bar.update()
+                    elif chunk.error:
+                        errors.append(f"chunk {chunk.id}: {chunk.error}")
                 if pending:
-                    raise TransientError(f"{len(pending)} chunks failed on the server")
+                    why = f" ({errors[0]})" if errors else ""
+                    raise TransientError(f"{len(pending)} chunks failed on the server{why}")
 
             await self._retrying(attempt)
 
@@ -282,13 +292,19 @@ class AsyncClient:
         shape: tuple[int, int] | None = None,
         chunk_size: int = 512,
         progress: bool | None = None,
+        errors: str = "raise",
+        allow_empty: bool = False,
         **params: Any,
     ) -> Any:
         """The area as an eager xarray.DataArray (time, band, y, x), read chunk by chunk.
 
         `params` are the request's read and search fields: assets, bidx, datetime, collections,
         ids, filter, sortby, method, resampling, dtype, nodata, group_by.
+        `errors`: "raise" (ChunkError, ItemError naming the item and chunk), "warn" or "ignore"
+        (the read with holes where failed items had data). No matching item at all raises
+        NoItemsFound unless `allow_empty` (then the array has no time layer).
         """
+        layout.check_errors_option(errors)
         grid, specs, body = layout.prepare(bbox, crs, resolution, shape, chunk_size, params)
 
         async def finish(finished: dict[str, Chunk]) -> Any:
@@ -297,7 +313,11 @@ class AsyncClient:
             except ReadInterrupted as exc:
                 exc._continuation = finish
                 raise
-            return layout.assemble(grid, specs, chunks, params)
+            if not allow_empty:
+                layout.check_found([c.header for c in chunks.values()], body)
+            result = layout.assemble(grid, specs, chunks, params)
+            layout.check_errors(chunks, errors, result)
+            return result
 
         return await finish({})
 
@@ -309,19 +329,35 @@ class AsyncClient:
         resolution: float | tuple[float, float] | None = None,
         shape: tuple[int, int] | None = None,
         chunk_size: int = 512,
+        progress: bool | None = None,
+        errors: str = "raise",
+        allow_empty: bool = False,
         **params: Any,
     ) -> Any:
         """A lazy, Dask-backed DataArray: one Dask chunk per chunk request.
 
         A dry run first learns the time labels, bands and dtype, so nothing is read until
         `.compute()` (which, on a dask.distributed cluster, spreads the reads over workers).
+        `errors` and `allow_empty` as for `read`: a plan the server refuses raises now, item
+        errors raise (or warn) when the block that meets them is computed.
         """
+        layout.check_errors_option(errors)
         grid, specs, body = layout.prepare(bbox, crs, resolution, shape, chunk_size, params)
-        plans = await self.dry_run(specs, body)
-        return layout.lazy(self.config, grid, specs, body, plans, params)
+        plans = await self.dry_run(specs, body, progress=progress)
+        refused = {str(p["id"]): p.get("error") or "error" for p in plans if p["status"] == "error"}
+        if refused and errors == "raise":
+            first = next(iter(refused))
+            raise ChunkError(first, refused[first], refused, {})
+        if not allow_empty:
+            layout.check_found(plans, body)
+        return layout.lazy(self.config, grid, specs, body, plans, params, errors)
 
     async def dry_run(
-        self, specs: Sequence[dict[str, Any]], body: dict[str, Any]
+        self,
+        specs: Sequence[dict[str, Any]],
+        body: dict[str, Any],
+        *,
+        progress: bool | None = None,
     ) -> list[dict[str, Any]]:
         """The server's read plans for `specs` (no pixels read)."""
         http, limit = self._client()

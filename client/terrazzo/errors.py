@@ -21,6 +21,49 @@ class ServerError(TerrazzoError):
         super().__init__(f"HTTP {status}: {detail}")
 
 
+class ChunkError(ServerError):
+    """The server answered one chunk with an error that asking again will not fix (a `bidx`
+    an item does not have, an unreadable COG...): never retried. `chunk` is its id; `failed`
+    maps every such chunk's id to its error and `finished` holds the chunks that did arrive."""
+
+    def __init__(
+        self, chunk: str, detail: str, failed: dict[str, str], finished: dict[str, Any]
+    ) -> None:
+        super().__init__(200, detail)
+        self.chunk = chunk
+        self.failed = failed
+        self.finished = finished
+        more = f" (and {len(failed) - 1} more chunks)" if len(failed) > 1 else ""
+        Exception.__init__(self, f"chunk {chunk}: {detail}{more}")
+
+
+class ItemError(TerrazzoError):
+    """Items the server could not read: their pixels are missing from the result.
+
+    `errors` lists {"chunk", "item", "error"}; `result` is what was read without them (holes
+    where only they had data), so nothing that did arrive is lost. Pass `errors="warn"` to get
+    the result with a warning instead, `errors="ignore"` to get it silently."""
+
+    def __init__(self, errors: list[dict[str, str]], result: Any = None) -> None:
+        self.errors = errors
+        self.result = result
+        first = errors[0]
+        items = sorted({e["item"] for e in errors})
+        more = f"; {len(items) - 1} more items failed" if len(items) > 1 else ""
+        super().__init__(
+            f"item {first['item']} could not be read (chunk {first['chunk']}): {first['error']}"
+            f"{more}. Its pixels are missing; errors='warn' returns the read with holes"
+        )
+
+
+class ItemErrorWarning(UserWarning):
+    """`errors="warn"`: items failed and the result has holes where only they had data."""
+
+
+class NoItemsFound(TerrazzoError):
+    """No STAC item matched the read's area, time and filters (nothing to read)."""
+
+
 class TransientError(TerrazzoError):
     """A failure worth retrying (429/502/503/504, a dropped connection, a cut stream)."""
 

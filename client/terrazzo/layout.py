@@ -8,14 +8,20 @@ a GDAL GeoTransform). Masked pixels are NaN for float data, else `fill_value` (d
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from terrazzo.errors import ChunkError, ItemError, ItemErrorWarning, NoItemsFound
 from terrazzo.framing import Chunk
+
+ERRORS = ("raise", "warn", "ignore")  # odc-stac's fail_on_error=True/False, and a quiet False
 
 SEARCH_AND_READ = (
     "collections",
@@ -128,6 +134,59 @@ def wire(specs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in s.items() if not k.startswith("_")} for s in specs]
 
 
+def check_errors_option(errors: str) -> None:
+    if errors not in ERRORS:
+        raise ValueError(f"errors: {errors!r}; one of {ERRORS}")
+
+
+def item_errors(chunks: Mapping[str, Chunk]) -> list[dict[str, str]]:
+    """Every item the server could not read, with the chunk it was read for."""
+    return [
+        {"chunk": str(c.id), "item": str(e.get("id")), "error": str(e.get("error"))}
+        for c in chunks.values()
+        for e in c.header.get("item_errors") or []
+    ]
+
+
+def check_errors(chunks: Mapping[str, Chunk], errors: str, result: Any = None) -> None:
+    """Apply `errors=` to a read's chunks: a chunk the server failed (ChunkError) or items it
+    could not read (ItemError, carrying `result`: the read with their holes) raise, warn or
+    pass. A chunk whose every item failed is reported as those items, naming them."""
+    failed = {
+        str(c.id): c.error or "error"
+        for c in chunks.values()
+        if c.status == "error" and not c.header.get("item_errors")
+    }
+    items = item_errors(chunks)
+    if errors == "ignore" or not (failed or items):
+        return
+    if errors == "raise":
+        if failed:
+            first = next(iter(failed))
+            raise ChunkError(first, failed[first], failed, dict(chunks))
+        raise ItemError(items, result)
+    names = sorted({e["item"] for e in items})
+    parts = [f"{len(failed)} chunks failed ({next(iter(failed.values()))})"] if failed else []
+    if items:
+        first = items[0]
+        parts.append(
+            f"{len(names)} items could not be read, e.g. {first['item']}: {first['error']}"
+        )
+    warnings.warn("; ".join(parts) + ": their pixels are missing", ItemErrorWarning, stacklevel=3)
+
+
+def check_found(chunks: Sequence[Mapping[str, Any]], body: Mapping[str, Any]) -> None:
+    """Raise NoItemsFound when no chunk matched any item (chunks: frame headers or plans)."""
+    if chunks and not any(c.get("items") for c in chunks):
+        asked = {k: body[k] for k in ("datetime", "collections", "ids", "filter") if k in body}
+        raise NoItemsFound(
+            f"no STAC items matched this read (crs {body.get('crs')}"
+            + "".join(f", {k}={v!r}" for k, v in asked.items())
+            + "): check the area, its CRS and the time range against the catalog "
+            "(client.info() has its extent); allow_empty=True returns an empty array"
+        )
+
+
 def _time_coord(labels: Sequence[str | None]) -> np.ndarray:
     values = []
     for label in labels:
@@ -139,7 +198,7 @@ def _time_coord(labels: Sequence[str | None]) -> np.ndarray:
             values.append(np.datetime64(text, "ns"))
         except ValueError:
             return np.asarray(labels, dtype=object)
-    return np.asarray(values)
+    return np.asarray(values, dtype="datetime64[ns]")
 
 
 def _fill_value(dtype: np.dtype, params: dict[str, Any]) -> Any:
@@ -213,6 +272,8 @@ def assemble(
     """The eager DataArray from every chunk of the read."""
     with_data = [c for c in chunks.values() if c.data is not None]
     labels = _time_labels(label for c in with_data for label in (c.header.get("time") or [None]))
+    if not any(c.header.get("items") for c in chunks.values()):
+        labels = []  # nothing matched (allow_empty): no time layer, not one of fill
     if with_data:
         dtype = np.result_type(*(c.data.dtype for c in with_data))
         bands = with_data[0].data.shape[1]
@@ -234,6 +295,7 @@ def lazy(
     body: dict[str, Any],
     plans: Sequence[dict[str, Any]],
     params: dict[str, Any],
+    errors: str = "raise",
 ):
     """A Dask-backed DataArray; each block is one chunk request made when computed."""
     import dask
@@ -248,7 +310,7 @@ def lazy(
     for spec in specs:
         r0, _ = spec["_offset"]
         block = dask.delayed(fetch_block, pure=True)(
-            config, wire([spec])[0], body, labels, bands, dtype.str, fill
+            config, wire([spec])[0], body, labels, bands, dtype.str, fill, errors
         )
         shape = (len(labels), bands, spec["height"], spec["width"])
         rows.setdefault(r0, []).append(da.from_delayed(block, shape=shape, dtype=dtype))
@@ -267,17 +329,20 @@ def fetch_block(
     bands: int,
     dtype: str,
     fill: Any,
+    errors: str = "raise",
 ) -> np.ndarray:
-    """One Dask block: read one chunk with a per-process client (pooled connections)."""
+    """One Dask block: read one chunk with a per-process client (pooled connections), one
+    per whole configuration (headers included: another config's API key is never reused)."""
     from terrazzo.client import Client
 
-    key = (config.url, config.retries, config.timeout)
+    key = json.dumps(dataclasses.asdict(config), sort_keys=True, default=str)
     client = _CLIENTS.get(key)
     if client is None:
-        client = _CLIENTS[key] = Client(**{**config.__dict__})
+        client = _CLIENTS[key] = Client(**dataclasses.asdict(config))
     chunks = client.fetch_chunks([spec], body, progress=False)
     out = np.full((len(labels), bands, spec["height"], spec["width"]), fill, dtype=dtype)
     chunk = chunks.get(spec["id"])
     if chunk is not None:
         place(out, labels, chunk, 0, 0, fill)
+    check_errors(chunks, errors, out)
     return out

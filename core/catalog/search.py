@@ -46,6 +46,17 @@ class Searching(Snapshots):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.scan_sync, query)
 
+    async def check(self, query: SearchQuery) -> None:
+        """Raise what `query` would raise (unknown sortby field, a filter on a missing column
+        or a value its column cannot hold) without searching: one request's worth of chunks
+        then fails once, up front, not chunk by chunk."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self.check_sync, query)
+
+    def check_sync(self, query: SearchQuery) -> None:
+        text, params = self._build_sql(query)
+        self._fetch(f"{text} LIMIT 0", params, query)
+
     def search_sync(self, query: SearchQuery) -> list[Item]:
         return self.scan_sync(query).items
 

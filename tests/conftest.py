@@ -34,6 +34,19 @@ def demo_catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_demo(tmp_path_factory.mktemp("demo"), size=256)
 
 
+def utm_area(
+    size: int, res: float, lon: float = 6.0, lat: float = 45.0, crs: str = "EPSG:32632"
+) -> list[float]:
+    """A `size` x `size` pixel bbox in `crs` around (lon, lat), on the grid of multiples of
+    `res` (the client snaps reads to it, as odc-stac does: an unaligned box would gain a
+    pixel)."""
+    from pyproj import Transformer
+
+    cx, cy = Transformer.from_crs("EPSG:4326", crs, always_xy=True).transform(lon, lat)
+    x0, y0 = (cx // res - size // 2) * res, (cy // res - size // 2) * res
+    return [x0, y0, x0 + size * res, y0 + size * res]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))

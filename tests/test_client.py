@@ -19,9 +19,9 @@ from terrazzo import AsyncClient, Client, ReadInterrupted, ServerError
 from app.main import create_app
 from core.catalog import SearchQuery
 from core.engine import Engine, ReadParams
-from core.plan import Grid, transformer
+from core.plan import Grid
 from core.settings import Settings
-from tests.conftest import Server, serve_in_thread
+from tests.conftest import Server, serve_in_thread, utm_area
 
 TMS = morecantile.tms.get("WebMercatorQuad")
 TILE = TMS.tile(6.0, 45.0, 11)
@@ -78,10 +78,7 @@ def flaky(engine: Engine) -> Iterator[tuple[str, Flaky]]:
         yield url, app
 
 
-def area(size: int, res: float, lon: float = 6.0, lat: float = 45.0) -> list[float]:
-    cx, cy = transformer("EPSG:4326", "EPSG:32632").transform(lon, lat)
-    half = size * res / 2
-    return [cx - half, cy - half, cx + half, cy + half]
+area = utm_area
 
 
 def test_tile_equals_the_servers_npy(server: Server) -> None:

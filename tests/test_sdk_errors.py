@@ -13,20 +13,18 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
-from pyproj import Transformer
 from terrazzo import ChunkError, Client, ItemError, ItemErrorWarning, NoItemsFound, ServerError
 
-from tests.conftest import Server
+from tests.conftest import Server, assert_clear_error, utm_area
 
 BROKEN = "demo-32632-2024-06-01-04"  # the newest item at (6.45, 45.0); its COG is cut short
 
 
 def area(size: int, res: float, lon: float = 6.45, lat: float = 45.0) -> list[float]:
-    cx, cy = Transformer.from_crs("EPSG:4326", "EPSG:32632", always_xy=True).transform(lon, lat)
-    x0, y0 = (cx // res - size // 2) * res, (cy // res - size // 2) * res  # on the pixel grid
-    return [x0, y0, x0 + size * res, y0 + size * res]
+    return utm_area(size, res, lon, lat)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +101,6 @@ def test_a_chunk_error_is_raised_with_the_servers_message_and_not_retried(
 @pytest.mark.parametrize(
     ("params", "needle"),
     [
-        ({"crs": "EPSG:999999"}, "crs"),
         ({"sortby": ["-cloudiness"]}, "sortby"),
         ({"filter": "nosuchfield > 3"}, "nosuchfield"),
     ],
@@ -112,6 +109,15 @@ def test_request_wide_mistakes_are_one_400(server: Server, params: dict, needle:
     with Client(server.url, backoff=20) as client, pytest.raises(ServerError) as info:
         client.read(area(512, 30), **{**READ, **params})
     assert info.value.status == 400 and needle in info.value.detail
+
+
+def test_a_bad_crs_fails_before_any_request_and_is_a_400_on_the_wire(server: Server) -> None:
+    with Client(server.url) as client, pytest.raises(ValueError, match="EPSG:999999"):
+        client.read(area(512, 30), **{**READ, "crs": "EPSG:999999"})
+    body = {"crs": "EPSG:999999", "chunks": [{"id": "a", "bbox": [0, 0, 1, 1], "width": 8}]}
+    body["chunks"][0]["height"] = 8
+    response = httpx.post(server.url + "/chunks", json=body)
+    assert_clear_error(response, 400, "crs")
 
 
 def test_no_match_raises_and_allow_empty_is_typed(server: Server) -> None:

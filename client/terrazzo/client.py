@@ -285,11 +285,15 @@ class AsyncClient:
 
     async def read(
         self,
-        bbox: Sequence[float],
+        bbox: Sequence[float] | None = None,
         *,
-        crs: str,
-        resolution: float | tuple[float, float] | None = None,
-        shape: tuple[int, int] | None = None,
+        crs: str | None = None,
+        resolution: float | Sequence[float] | None = None,
+        shape: Sequence[int] | None = None,
+        anchor: str | Sequence[float] = "edge",
+        bbox_crs: str | None = None,
+        geopolygon: Any = None,
+        like: Any = None,
         chunk_size: int = 512,
         progress: bool | None = None,
         errors: str = "raise",
@@ -298,6 +302,11 @@ class AsyncClient:
     ) -> Any:
         """The area as an eager xarray.DataArray (time, band, y, x), read chunk by chunk.
 
+        The grid as odc-stac makes it (terrazzo.grid): `bbox` in `bbox_crs` (default: `crs`),
+        or a lon/lat `geopolygon`, or `like=` another DataArray; `crs="utm"` for the zone of
+        the area's centre; `resolution` (a number or (x, y)) snapped to its multiples
+        (`anchor`), or `shape=(height, width)`.
+
         `params` are the request's read and search fields: assets, bidx, datetime, collections,
         ids, filter, sortby, method, resampling, dtype, nodata, group_by.
         `errors`: "raise" (ChunkError, ItemError naming the item and chunk), "warn" or "ignore"
@@ -305,7 +314,17 @@ class AsyncClient:
         NoItemsFound unless `allow_empty` (then the array has no time layer).
         """
         layout.check_errors_option(errors)
-        grid, specs, body = layout.prepare(bbox, crs, resolution, shape, chunk_size, params)
+        area = {
+            "bbox": bbox,
+            "crs": crs,
+            "resolution": resolution,
+            "shape": shape,
+            "anchor": anchor,
+            "bbox_crs": bbox_crs,
+            "geopolygon": geopolygon,
+            "like": like,
+        }
+        grid, specs, body = layout.prepare(area, chunk_size, params)
 
         async def finish(finished: dict[str, Chunk]) -> Any:
             try:
@@ -323,11 +342,15 @@ class AsyncClient:
 
     async def open(
         self,
-        bbox: Sequence[float],
+        bbox: Sequence[float] | None = None,
         *,
-        crs: str,
-        resolution: float | tuple[float, float] | None = None,
-        shape: tuple[int, int] | None = None,
+        crs: str | None = None,
+        resolution: float | Sequence[float] | None = None,
+        shape: Sequence[int] | None = None,
+        anchor: str | Sequence[float] = "edge",
+        bbox_crs: str | None = None,
+        geopolygon: Any = None,
+        like: Any = None,
         chunk_size: int = 512,
         progress: bool | None = None,
         errors: str = "raise",
@@ -342,7 +365,17 @@ class AsyncClient:
         errors raise (or warn) when the block that meets them is computed.
         """
         layout.check_errors_option(errors)
-        grid, specs, body = layout.prepare(bbox, crs, resolution, shape, chunk_size, params)
+        area = {
+            "bbox": bbox,
+            "crs": crs,
+            "resolution": resolution,
+            "shape": shape,
+            "anchor": anchor,
+            "bbox_crs": bbox_crs,
+            "geopolygon": geopolygon,
+            "like": like,
+        }
+        grid, specs, body = layout.prepare(area, chunk_size, params)
         plans = await self.dry_run(specs, body, progress=progress)
         refused = {str(p["id"]): p.get("error") or "error" for p in plans if p["status"] == "error"}
         if refused and errors == "raise":
@@ -449,10 +482,10 @@ class Client:
     def info(self) -> dict[str, Any]:
         return self._run(self._async.info())
 
-    def read(self, bbox: Sequence[float], **kwargs: Any) -> Any:
+    def read(self, bbox: Sequence[float] | None = None, **kwargs: Any) -> Any:
         return self._run(self._async.read(bbox, **kwargs))
 
-    def open(self, bbox: Sequence[float], **kwargs: Any) -> Any:
+    def open(self, bbox: Sequence[float] | None = None, **kwargs: Any) -> Any:
         return self._run(self._async.open(bbox, **kwargs))
 
     def fetch_chunks(

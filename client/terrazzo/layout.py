@@ -13,13 +13,13 @@ import json
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from terrazzo.errors import ChunkError, ItemError, ItemErrorWarning, NoItemsFound
 from terrazzo.framing import Chunk
+from terrazzo.grid import Grid
 
 ERRORS = ("raise", "warn", "ignore")  # odc-stac's fail_on_error=True/False, and a quiet False
 
@@ -39,66 +39,32 @@ SEARCH_AND_READ = (
 )
 
 
-@dataclass(frozen=True)
-class Grid:
-    """The output grid of a read: bbox in `crs`, pixel size, shape."""
-
-    crs: str
-    minx: float
-    miny: float
-    maxx: float
-    maxy: float
-    width: int
-    height: int
-
-    @classmethod
-    def make(
-        cls,
-        bbox: Sequence[float],
-        *,
-        crs: str,
-        resolution: float | tuple[float, float] | None = None,
-        shape: tuple[int, int] | None = None,
-    ) -> Grid:
-        minx, miny, maxx, maxy = (float(v) for v in bbox)
-        if not (maxx > minx and maxy > miny):
-            raise ValueError(f"bbox: needs minx < maxx and miny < maxy, got {tuple(bbox)}")
-        if (resolution is None) == (shape is None):
-            raise ValueError("give exactly one of resolution (pixel size) or shape (height, width)")
-        if shape is not None:
-            height, width = shape
-        else:
-            rx, ry = resolution if isinstance(resolution, tuple) else (resolution, resolution)
-            width = max(1, round((maxx - minx) / rx))
-            height = max(1, round((maxy - miny) / ry))
-        return cls(crs, minx, miny, maxx, maxy, int(width), int(height))
-
-    @property
-    def res(self) -> tuple[float, float]:
-        return ((self.maxx - self.minx) / self.width, (self.maxy - self.miny) / self.height)
-
-    def chunk_specs(self, size: int) -> list[dict[str, Any]]:
-        """size × size pixel chunks (smaller at the right and bottom edges), row-major."""
-        rx, ry = self.res
-        specs = []
-        for r0 in range(0, self.height, size):
-            for c0 in range(0, self.width, size):
-                w, h = min(size, self.width - c0), min(size, self.height - r0)
-                specs.append(
-                    {
-                        "id": f"{r0}-{c0}",
-                        "bbox": [
-                            self.minx + c0 * rx,
-                            self.maxy - (r0 + h) * ry,
-                            self.minx + (c0 + w) * rx,
-                            self.maxy - r0 * ry,
-                        ],
-                        "width": w,
-                        "height": h,
-                        "_offset": (r0, c0),
-                    }
-                )
-        return specs
+def chunk_specs(grid: Grid, size: int | tuple[int, int]) -> list[dict[str, Any]]:
+    """Chunks of `size` pixels ((y, x), or one number for both; smaller at the right and
+    bottom edges), row-major; each bbox is exact multiples of the grid's pixel size."""
+    sy, sx = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if sy < 1 or sx < 1:
+        raise ValueError(f"chunk_size: at least one pixel, got {size!r}")
+    rx, ry = grid.res
+    specs = []
+    for r0 in range(0, grid.height, sy):
+        for c0 in range(0, grid.width, sx):
+            w, h = min(sx, grid.width - c0), min(sy, grid.height - r0)
+            specs.append(
+                {
+                    "id": f"{r0}-{c0}",
+                    "bbox": [
+                        grid.minx + c0 * rx,
+                        grid.maxy - (r0 + h) * ry,
+                        grid.minx + (c0 + w) * rx,
+                        grid.maxy - r0 * ry,
+                    ],
+                    "width": w,
+                    "height": h,
+                    "_offset": (r0, c0),
+                }
+            )
+    return specs
 
 
 def request_body(crs: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -117,16 +83,12 @@ def request_body(crs: str, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def prepare(
-    bbox: Sequence[float],
-    crs: str,
-    resolution: float | tuple[float, float] | None,
-    shape: tuple[int, int] | None,
-    chunk_size: int,
-    params: dict[str, Any],
+    area: dict[str, Any], chunk_size: int | tuple[int, int], params: dict[str, Any]
 ) -> tuple[Grid, list[dict[str, Any]], dict[str, Any]]:
-    """The output grid, its chunk specs and the shared request body of a read."""
-    grid = Grid.make(bbox, crs=crs, resolution=resolution, shape=shape)
-    return grid, grid.chunk_specs(chunk_size), request_body(crs, params)
+    """The output grid (`area`: Grid.make's arguments), its chunk specs and the shared
+    request body of a read."""
+    grid = Grid.make(**area)
+    return grid, chunk_specs(grid, chunk_size), request_body(grid.crs, params)
 
 
 def wire(specs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -279,3 +279,79 @@ async def test_open_is_load_async_friendly(server: Server) -> None:
         eager = client.read(bbox, crs="EPSG:32632", resolution=120, chunk_size=128, progress=False)
     loaded = await lazy.load_async()  # xarray's async load, from inside a running loop
     np.testing.assert_array_equal(loaded.values, eager.values)
+
+
+async def test_resume_inside_a_running_loop_is_awaitable(flaky: tuple[str, Flaky]) -> None:
+    """An AsyncClient's interrupted read in a notebook: `await exc.resume()` (it used to call
+    asyncio.run() inside the running loop and fail)."""
+    url, app = flaky
+    bbox = area(128, 60)
+    async with AsyncClient(url, backoff=0.01, retries=1, chunks_per_request=1) as client:
+        read = {"crs": "EPSG:32632", "resolution": 60, "chunk_size": 64, "progress": False}
+        clean = await client.read(bbox, **read)  # 4 chunks
+        app.requests, app.fail_after = 0, 2
+        with pytest.raises(ReadInterrupted) as info:
+            await client.read(bbox, **read)
+        app.fail_after = None
+        resumed = await info.value.resume()
+    np.testing.assert_array_equal(resumed.values, clean.values)
+
+
+def _connections_to(url: str) -> int:
+    import psutil
+
+    port = int(url.rsplit(":", 1)[1])
+    return sum(
+        1
+        for c in psutil.Process().net_connections("tcp")
+        if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+    )
+
+
+def test_dropped_clients_close_their_connections(server: Server) -> None:
+    import gc
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        base = _connections_to(server.url)  # other tests' cached Dask-block clients
+        client = Client(server.url)
+        client.info()
+        assert _connections_to(server.url) == base + 1
+        thread = client._thread
+        del client
+        gc.collect()
+        thread.join(timeout=5)
+        assert not thread.is_alive(), "the loop thread stops"
+        assert _connections_to(server.url) == base
+
+        async def drop_async() -> None:
+            client = AsyncClient(server.url)
+            await client.info()
+            assert _connections_to(server.url) == base + 1
+            del client
+            gc.collect()
+            await asyncio.sleep(0.2)  # the finalizer's aclose runs on this loop
+            assert _connections_to(server.url) == base
+
+        asyncio.run(drop_async())
+
+
+def test_dask_worker_clients_are_per_configuration(server: Server) -> None:
+    """Two configurations (another API key) never share a worker's cached client."""
+    from terrazzo import layout
+    from terrazzo.client import Config
+
+    spec = layout.chunk_specs(
+        layout.Grid.make(area(64, 120), crs="EPSG:32632", resolution=120), 64
+    )[0]
+    before = set(layout._CLIENTS)
+    for key in ("a", "b", "a"):
+        config = Config(url=server.url, headers={"x-api-key": key})
+        layout.fetch_block(
+            config, layout.wire([spec])[0], {"crs": "EPSG:32632"}, [None], 3, "|u1", 0
+        )
+    made = [layout._CLIENTS[k] for k in set(layout._CLIENTS) - before]
+    assert sorted(c.config.headers["x-api-key"] for c in made) == ["a", "b"]
+    for c in made:
+        c.close()

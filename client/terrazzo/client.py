@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import io
 import random
 import sys
 import threading
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -84,6 +86,7 @@ class AsyncClient:
         self.config = Config(url=url.rstrip("/"), **options)
         self._http: httpx.AsyncClient | None = None
         self._limit: asyncio.Semaphore | None = None
+        self._finalizer: weakref.finalize | None = None
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -92,6 +95,9 @@ class AsyncClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
         if self._http is not None:
             await self._http.aclose()
             self._http = None
@@ -106,6 +112,11 @@ class AsyncClient:
                 limits=httpx.Limits(max_connections=c.concurrency),
             )
             self._limit = asyncio.Semaphore(c.concurrency)
+            # a client dropped without aclose() still closes its connections (no leaked
+            # sockets, no ResourceWarning): on its loop, when it is collected
+            self._finalizer = weakref.finalize(
+                self, _close_later, self._http, asyncio.get_running_loop()
+            )
         return self._http, self._limit
 
     # -- retries -----------------------------------------------------------------------------
@@ -413,6 +424,35 @@ class AsyncClient:
         return out
 
 
+def _close_later(http: httpx.AsyncClient, loop: asyncio.AbstractEventLoop) -> None:
+    """Close a collected AsyncClient's connections on the loop they belong to."""
+    if loop.is_closed() or http.is_closed:
+        return
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        loop.create_task(http.aclose())
+    elif loop.is_running():
+        asyncio.run_coroutine_threadsafe(http.aclose(), loop)
+
+
+def _stop_loop(
+    owned: AsyncClient, loop: asyncio.AbstractEventLoop, thread: threading.Thread
+) -> None:
+    """A Client's shutdown (close(), or its finalizer): connections, then its loop thread."""
+    if loop.is_running():
+        closing = asyncio.run_coroutine_threadsafe(owned.aclose(), loop)
+        with contextlib.suppress(Exception):
+            closing.result(timeout=5)
+        loop.call_soon_threadsafe(loop.stop)
+        if thread is not threading.current_thread():
+            thread.join(timeout=5)
+    if not loop.is_running() and not loop.is_closed():
+        loop.close()
+
+
 def _query(params: dict[str, Any]) -> list[tuple[str, Any]]:
     """Query pairs; lists become repeated keys (TiTiler's spelling)."""
     pairs: list[tuple[str, Any]] = []
@@ -441,6 +481,9 @@ class Client:
             target=self._loop.run_forever, daemon=True, name="terrazzo-client"
         )
         self._thread.start()
+        # closed when dropped without close(): connections, loop and thread (not self: the
+        # finalizer holds only what it closes)
+        self._finalizer = weakref.finalize(self, _stop_loop, self._async, self._loop, self._thread)
 
     def _run(self, coro: Awaitable[T]) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
@@ -464,14 +507,7 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        if self._loop.is_running():
-            self._run(self._async.aclose())
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=5)
-
-    def __del__(self) -> None:
-        if getattr(self, "_loop", None) is not None and self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._finalizer()
 
     def tile(self, z: int, x: int, y: int, **kwargs: Any) -> np.ma.MaskedArray | None:
         return self._run(self._async.tile(z, x, y, **kwargs))

@@ -101,7 +101,12 @@ class ReadInterrupted(TerrazzoError):
         return await self._continuation(self.finished)
 
     def resume(self) -> Any:
-        """Blocking resume (from a sync Client, or from a script with no running loop)."""
+        """Finish the read: blocking from a sync Client or a script; inside a running event
+        loop (an AsyncClient in a notebook) it returns the awaitable: `await exc.resume()`."""
         if self._runner is not None:
             return self._runner(self.resume_async())
-        return asyncio.run(self.resume_async())
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.resume_async())
+        return self.resume_async()

@@ -81,6 +81,11 @@ class ChunksRequest(BaseModel):
         None, description="A time axis: one layer per day, month, year, datetime or item."
     )
     dry_run: bool = False
+    plans: bool = Field(
+        True,
+        description="Dry runs: each chunk's read plan (items, levels, tiles); false: "
+        "only its status, items, time labels and layout (what a lazy client needs).",
+    )
 
     @model_validator(mode="after")
     def _unique_ids(self) -> ChunksRequest:
@@ -156,13 +161,12 @@ async def chunks(request: Request, body: ChunksRequest) -> Any:
                 "items": r.items,
                 "time": r.time,
                 "layout": r.layout,
-                "plan": r.plan,
+                "plan": r.plan if body.plans else None,
+                "bytes": r.plan["bytes"] if r.plan else 0,
             }
             async for r in results
         ]
-        return JSONResponse(
-            {"chunks": plans, "bytes": sum(p["plan"]["bytes"] for p in plans if p["plan"])}
-        )
+        return JSONResponse({"chunks": plans, "bytes": sum(p["bytes"] for p in plans)})
     return StallSafeStream(
         _frames(results),
         media_type=CHUNKS_MEDIA_TYPE,

@@ -14,7 +14,7 @@ import httpx
 import morecantile
 import numpy as np
 import pytest
-from terrazzo import AsyncClient, Client, ReadInterrupted, ServerError
+from terrazzo import AsyncClient, Client, ReadInterrupted, ReadTooLarge, ServerError
 
 from app.main import create_app
 from core.catalog import SearchQuery
@@ -355,3 +355,33 @@ def test_dask_worker_clients_are_per_configuration(server: Server) -> None:
     assert sorted(c.config.headers["x-api-key"] for c in made) == ["a", "b"]
     for c in made:
         c.close()
+
+
+def test_a_read_too_large_for_memory_fails_before_any_request(flaky: tuple[str, Flaky]) -> None:
+    url, app = flaky
+    app.requests = 0
+    huge = area(200_000, 1)  # 40 gigapixels: a 40 GB read at one byte per pixel
+    with Client(url) as client:
+        with pytest.raises(ReadTooLarge, match=r"client\.open"):
+            client.read(huge, crs="EPSG:32632", resolution=1, progress=False)
+        with pytest.raises(ReadTooLarge, match="max_bytes=1000"):
+            client.read(area(64, 120), crs="EPSG:32632", resolution=120, max_bytes=1000)
+        assert app.requests == 0
+        small = client.read(
+            area(64, 120), crs="EPSG:32632", resolution=120, max_bytes=10**6, progress=False
+        )
+    assert small.shape[-2:] == (64, 64)
+
+
+def test_open_dry_runs_in_batches_with_a_progress_bar(
+    flaky: tuple[str, Flaky], capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, app = flaky
+    app.requests = 0
+    with Client(url) as client:
+        lazy = client.open(
+            area(1280, 30), crs="EPSG:32632", resolution=30, chunk_size=40, progress=True
+        )  # 32 x 32 = 1024 chunks
+    assert lazy.data.npartitions == 1024
+    assert app.requests == 3, "1024 chunks planned in 3 requests of up to 500"
+    assert "terrazzo plan" in capsys.readouterr().err

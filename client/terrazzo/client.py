@@ -34,6 +34,7 @@ from terrazzo.framing import MEDIA_TYPE, Chunk, FramingError, aiter_frames
 
 T = TypeVar("T")
 RETRY_STATUS = {429, 502, 503, 504}
+DRY_RUN_BATCH = 500  # chunks per dry-run request (the server takes up to 10,000)
 
 
 @dataclass(frozen=True)
@@ -309,6 +310,7 @@ class AsyncClient:
         progress: bool | None = None,
         errors: str = "raise",
         allow_empty: bool = False,
+        max_bytes: int | None = None,
         **params: Any,
     ) -> Any:
         """The area as an eager xarray.DataArray (time, band, y, x), read chunk by chunk.
@@ -322,7 +324,9 @@ class AsyncClient:
         ids, filter, sortby, method, resampling, dtype, nodata, group_by.
         `errors`: "raise" (ChunkError, ItemError naming the item and chunk), "warn" or "ignore"
         (the read with holes where failed items had data). No matching item at all raises
-        NoItemsFound unless `allow_empty` (then the array has no time layer).
+        NoItemsFound unless `allow_empty` (then the array has no time layer). A read larger
+        than `max_bytes` (default: half the memory available) raises ReadTooLarge before any
+        request: `open` it lazily instead.
         """
         layout.check_errors_option(errors)
         area = {
@@ -336,6 +340,7 @@ class AsyncClient:
             "like": like,
         }
         grid, specs, body = layout.prepare(area, chunk_size, params)
+        layout.check_size(grid, params, max_bytes)
 
         async def finish(finished: dict[str, Chunk]) -> Any:
             try:
@@ -403,25 +408,31 @@ class AsyncClient:
         *,
         progress: bool | None = None,
     ) -> list[dict[str, Any]]:
-        """The server's read plans for `specs` (no pixels read)."""
+        """The server's read plans for `specs` (no pixels read): what each chunk would read
+        (items, time labels, bands and dtype), without the per-tile detail. Batches of
+        DRY_RUN_BATCH chunks run concurrently (bounded by `concurrency`), with a progress bar."""
         http, limit = self._client()
-        out: list[dict[str, Any]] = []
+        batches = [list(specs[i : i + DRY_RUN_BATCH]) for i in range(0, len(specs), DRY_RUN_BATCH)]
+        bar = _Progress(len(specs), _show_progress(progress), "terrazzo plan")
 
         async def once(part: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            request = {**body, "chunks": layout.wire(part), "dry_run": True, "plans": False}
             async with limit:
                 try:
-                    r = await http.post(
-                        "/chunks", json={**body, "chunks": layout.wire(part), "dry_run": True}
-                    )
+                    r = await http.post("/chunks", json=request)
                 except httpx.TransportError as exc:
                     raise TransientError(str(exc)) from exc
             self._check(r, r.content)
+            bar.update(len(part))
             return r.json()["chunks"]
 
-        for i in range(0, len(specs), 1000):
-            part = list(specs[i : i + 1000])
-            out += await self._retrying(lambda part=part: once(part))
-        return out
+        try:
+            results = await asyncio.gather(
+                *(self._retrying(lambda part=part: once(part)) for part in batches)
+            )
+        finally:
+            bar.close()
+        return [plan for part in results for plan in part]
 
 
 def _close_later(http: httpx.AsyncClient, loop: asyncio.AbstractEventLoop) -> None:

@@ -60,6 +60,10 @@ class ItemErrorWarning(UserWarning):
     """`errors="warn"`: items failed and the result has holes where only they had data."""
 
 
+class ReadTooLarge(TerrazzoError, ValueError):
+    """An eager read whose array would not fit the memory it may use (`max_bytes`)."""
+
+
 class NoItemsFound(TerrazzoError):
     """No STAC item matched the read's area, time and filters (nothing to read)."""
 

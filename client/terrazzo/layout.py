@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from terrazzo.errors import ChunkError, ItemError, ItemErrorWarning, NoItemsFound
+from terrazzo.errors import ChunkError, ItemError, ItemErrorWarning, NoItemsFound, ReadTooLarge
 from terrazzo.framing import Chunk
 from terrazzo.grid import Grid
 
@@ -135,6 +136,56 @@ def check_errors(chunks: Mapping[str, Chunk], errors: str, result: Any = None) -
             f"{len(names)} items could not be read, e.g. {first['item']}: {first['error']}"
         )
     warnings.warn("; ".join(parts) + ": their pixels are missing", ItemErrorWarning, stacklevel=3)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux: MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_size(
+    grid: Grid,
+    params: Mapping[str, Any],
+    max_bytes: int | None,
+    *,
+    bands: int = 0,
+    itemsize: int = 0,
+    times: int = 1,
+) -> None:
+    """Refuse an eager read larger than `max_bytes` (default: half the memory available)
+    before any request: its pixels times what is known of bands and dtype (at least one
+    band of one byte), so a 40-gigapixel `read` fails at once and says what to do instead."""
+    limit = max_bytes
+    if limit is None:
+        free = available_memory()
+        limit = free // 2 if free else None
+    if limit is None:
+        return
+    if not bands:
+        bidx, assets = params.get("bidx"), params.get("assets")
+        bands = len(bidx) if isinstance(bidx, list | tuple) else 1 if bidx else 0
+        bands = bands or (len(assets) if isinstance(assets, list | tuple) else 1)
+    if not itemsize:
+        itemsize = np.dtype(params["dtype"]).itemsize if params.get("dtype") else 1
+    size = grid.width * grid.height * max(1, bands) * itemsize * max(1, times)
+    if size > limit:
+        raise ReadTooLarge(
+            f"this read would hold at least {size / 2**30:.1f} GiB ({grid.height} x "
+            f"{grid.width} pixels x {bands} bands x {itemsize} bytes x {times} times), over "
+            f"max_bytes={limit} ({'half the memory available' if max_bytes is None else 'yours'})"
+            ": use client.open(...) for a lazy Dask array, a coarser resolution or a smaller "
+            "area, or pass max_bytes="
+        )
 
 
 def check_found(chunks: Sequence[Mapping[str, Any]], body: Mapping[str, Any]) -> None:

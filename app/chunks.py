@@ -78,7 +78,9 @@ class ChunksRequest(BaseModel):
         False, description="Apply each band's scale/offset (the file's, else raster:bands)."
     )
     group_by: Literal[GROUP_BY] | None = Field(  # type: ignore[valid-type]
-        None, description="A time axis: one layer per day, month, year, datetime or item."
+        None,
+        description="A time axis: one layer per day, month, year, datetime (= time), item "
+        "(= id) or solar_day (the local solar date at the item's longitude).",
     )
     dry_run: bool = False
     plans: bool = Field(
@@ -160,6 +162,7 @@ async def chunks(request: Request, body: ChunksRequest) -> Any:
                 "error": r.error,
                 "items": r.items,
                 "time": r.time,
+                "time_items": r.time_items,
                 "layout": r.layout,
                 "plan": r.plan if body.plans else None,
                 "bytes": r.plan["bytes"] if r.plan else 0,

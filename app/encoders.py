@@ -145,6 +145,9 @@ def chunk_frame(result: Any) -> bytes:
     if result.data is not None:
         data = result.data.astype(result.data.dtype.newbyteorder("<"), copy=False)
         header.update(dtype=data.dtype.str, shape=list(data.shape), time=result.time)
+        header["time_items"] = result.time_items
+        if result.layout:
+            header["bands"] = result.layout.get("names")
         parts = [
             ("data", np.ascontiguousarray(data).tobytes()),
             ("mask", np.packbits(result.valid, axis=None).tobytes()),

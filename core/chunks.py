@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
 import functools
 import math
 import time
@@ -27,7 +28,10 @@ from core.mosaic import METHODS
 from core.plan import Grid, ItemRead, ReadPlan, describe_error
 from core.timing import StageClock
 
-GROUP_BY = ("day", "month", "year", "datetime", "item")
+# time axes: one layer per label. odc-stac's spellings too: time (= datetime), id (= item),
+# solar_day (the local solar date at the item's longitude: one pass of a sun-synchronous
+# satellite is one layer, even when it crosses UTC midnight)
+GROUP_BY = ("day", "month", "year", "datetime", "item", "time", "id", "solar_day")
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ class ChunkResult:
     data: np.ndarray | None = None
     valid: np.ndarray | None = None
     time: list[str | None] = field(default_factory=list)
+    time_items: list[list[str]] = field(default_factory=list)  # the items of each time layer
     error: str | None = None
     # whether asking again may succeed: a timeout or a read cancelled from inside may; a bad
     # parameter, an unreadable item (the server already retried its store) or a bug will not
@@ -101,10 +106,15 @@ def group_key(item: ItemRead, group_by: str | None) -> str | None:
     """The time label an item falls under (None: one layer for all items)."""
     if group_by is None:
         return None
-    if group_by == "item":
+    if group_by in ("item", "id"):
         return f"{item.datetime or ''}/{item.item_id}"
     if item.datetime is None:
         return None
+    if group_by == "solar_day":
+        when = dt.datetime.fromisoformat(item.datetime)
+        return (when + dt.timedelta(hours=(item.lon or 0.0) / 15)).date().isoformat()
+    if group_by == "time":
+        return item.datetime
     return {
         "day": item.datetime[:10],
         "month": item.datetime[:7],
@@ -156,7 +166,9 @@ async def read_chunk(
             if dry_run:
                 result.plan = plan.to_dict()
                 result.status = "ok" if plan.items else "empty"
-                result.time = [label for label, _ in split_plan(plan, group_by)]
+                groups = split_plan(plan, group_by)
+                result.time = [label for label, _ in groups]
+                result.time_items = [[i.item_id for i in p.items] for _, p in groups]
                 result.layout = output_layout(plan, params, dtype)
                 return result
             await _fill(engine, result, plan, query, params, group_by, dtype)
@@ -229,6 +241,8 @@ async def _fill(
             result.item_errors += mosaic.errors
     result.data, result.valid = data, valid
     result.time = [label for label, _ in groups]
+    result.time_items = [[i.item_id for i in p.items] for _, p in groups]
+    result.layout = layout
 
 
 def output_layout(plan: ReadPlan, params: ReadParams, dtype: str | None) -> dict[str, Any] | None:
@@ -236,10 +250,19 @@ def output_layout(plan: ReadPlan, params: ReadParams, dtype: str | None) -> dict
     if not plan.items:
         return None
     reads = plan.items[0].reads
-    bands = len(params.bidx) or sum(r.count for r in reads)
+    names = [
+        name
+        for r in reads
+        for name in (
+            [r.asset] if r.count == 1 else [f"{r.asset}.{b}" for b in range(1, r.count + 1)]
+        )
+    ]
+    if params.bidx:
+        names = [names[b - 1] if b <= len(names) else f"band.{b}" for b in params.bidx]
     layer = np.result_type(*(np.dtype(r.dtype) for r in reads))
     out = np.dtype(dtype) if dtype else METHODS[params.method].output_dtype(layer)
-    return {"bands": bands, "dtype": out.str}
+    # band names as odc-stac gives them: the asset's name, "asset.N" for a multi-band asset
+    return {"bands": len(names), "dtype": out.str, "names": names}
 
 
 def check_limits(specs: list[ChunkSpec], *, max_chunks: int, max_pixels: int) -> None:

@@ -214,6 +214,7 @@ class ItemRead:
     datetime: str | None
     reads: tuple[AssetRead, ...]
     collection: str | None = None
+    lon: float | None = None  # of the item's bbox centre: its solar day (group_by=solar_day)
 
 
 @dataclass(frozen=True)
@@ -297,6 +298,15 @@ class ReadPlan:
         if self.source != "dynamic":
             lines.append(f"  pixels from: {self.source} (pre-rendered blocks)")
         return "\n".join(lines)
+
+
+def centre_longitude(bbox: tuple[float, float, float, float]) -> float | None:
+    """The longitude of a bbox's centre (one crossing the antimeridian has xmin > xmax)."""
+    xmin, _, xmax, _ = bbox
+    if not (math.isfinite(xmin) and math.isfinite(xmax)):
+        return None
+    centre = (xmin + xmax) / 2 if xmin <= xmax else (xmin + xmax + 360) / 2
+    return (centre + 180) % 360 - 180
 
 
 def describe_error(exc: BaseException) -> str:
@@ -546,7 +556,11 @@ def make_plan(
             when = item.datetime.isoformat() if item.datetime else None
             planned.append(
                 ItemRead(
-                    item_id=item.id, datetime=when, reads=tuple(reads), collection=item.collection
+                    item_id=item.id,
+                    datetime=when,
+                    reads=tuple(reads),
+                    collection=item.collection,
+                    lon=centre_longitude(item.bbox),
                 )
             )
     return ReadPlan(

@@ -306,7 +306,8 @@ class AsyncClient:
         bbox_crs: str | None = None,
         geopolygon: Any = None,
         like: Any = None,
-        chunk_size: int = 512,
+        chunk_size: int | tuple[int, int] = 512,
+        chunks: dict[str, int] | None = None,
         progress: bool | None = None,
         errors: str = "raise",
         allow_empty: bool = False,
@@ -320,8 +321,11 @@ class AsyncClient:
         the area's centre; `resolution` (a number or (x, y)) snapped to its multiples
         (`anchor`), or `shape=(height, width)`.
 
-        `params` are the request's read and search fields: assets, bidx, datetime, collections,
-        ids, filter, sortby, method, resampling, dtype, nodata, group_by.
+        `params` are the request's read and search fields: assets, bidx (or odc-stac's
+        `bands`), datetime, collections, ids, filter, sortby, method, resampling, dtype,
+        nodata, groupby/group_by (default "time": a layer per datetime; "solar_day", "day",
+        "month", "year", "id"; None: one mosaic layer). `chunks={"x": .., "y": ..}` or
+        `chunk_size` sets the pixels per chunk request.
         `errors`: "raise" (ChunkError, ItemError naming the item and chunk), "warn" or "ignore"
         (the read with holes where failed items had data). No matching item at all raises
         NoItemsFound unless `allow_empty` (then the array has no time layer). A read larger
@@ -339,7 +343,7 @@ class AsyncClient:
             "geopolygon": geopolygon,
             "like": like,
         }
-        grid, specs, body = layout.prepare(area, chunk_size, params)
+        grid, specs, body = layout.prepare(area, chunk_size, params, chunks)
         layout.check_size(grid, params, max_bytes)
 
         async def finish(finished: dict[str, Chunk]) -> Any:
@@ -367,7 +371,8 @@ class AsyncClient:
         bbox_crs: str | None = None,
         geopolygon: Any = None,
         like: Any = None,
-        chunk_size: int = 512,
+        chunk_size: int | tuple[int, int] = 512,
+        chunks: dict[str, int] | None = None,
         progress: bool | None = None,
         errors: str = "raise",
         allow_empty: bool = False,
@@ -391,7 +396,7 @@ class AsyncClient:
             "geopolygon": geopolygon,
             "like": like,
         }
-        grid, specs, body = layout.prepare(area, chunk_size, params)
+        grid, specs, body = layout.prepare(area, chunk_size, params, chunks)
         plans = await self.dry_run(specs, body, progress=progress)
         refused = {str(p["id"]): p.get("error") or "error" for p in plans if p["status"] == "error"}
         if refused and errors == "raise":
@@ -399,7 +404,10 @@ class AsyncClient:
             raise ChunkError(first, refused[first], refused, {})
         if not allow_empty:
             layout.check_found(plans, body)
-        return layout.lazy(self.config, grid, specs, body, plans, params, errors)
+        array = layout.lazy(self.config, grid, specs, body, plans, params, errors)
+        if chunks and "time" in chunks and array.sizes["time"]:
+            array = array.chunk({"time": chunks["time"]})
+        return array
 
     async def dry_run(
         self,

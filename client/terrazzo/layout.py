@@ -68,6 +68,43 @@ def chunk_specs(grid: Grid, size: int | tuple[int, int]) -> list[dict[str, Any]]
     return specs
 
 
+def normalise_params(params: dict[str, Any]) -> dict[str, Any]:
+    """odc-stac's spellings as the server's: `groupby` for `group_by` (default "time": one
+    layer per datetime; None: one mosaic layer), `bands` (asset names, or "asset.N" bands of
+    one asset) for assets/bidx."""
+    out = dict(params)
+    if "groupby" in out:
+        if "group_by" in out:
+            raise TypeError("give groupby or group_by, not both")
+        out["group_by"] = out.pop("groupby")
+    out.setdefault("group_by", "time")
+    bands = out.pop("bands", None)
+    if bands is not None:
+        if out.get("assets") or out.get("bidx"):
+            raise TypeError("give bands, or assets/bidx, not both")
+        out.update(_bands(bands))
+    return out
+
+
+def _bands(bands: str | Sequence[str]) -> dict[str, Any]:
+    names = [bands] if isinstance(bands, str) else list(bands)
+    assets = list(dict.fromkeys(n.rsplit(".", 1)[0] if _numbered(n) else n for n in names))
+    numbered = [n for n in names if _numbered(n)]
+    if not numbered:
+        return {"assets": assets}
+    if len(assets) > 1 or len(numbered) != len(names):
+        raise ValueError(
+            f"bands: {names}: 'asset.N' bands can be taken from one asset at a time (or pass "
+            "assets= and bidx=, which count the bands of all assets in order)"
+        )
+    return {"assets": assets, "bidx": [int(n.rsplit(".", 1)[1]) for n in numbered]}
+
+
+def _numbered(name: str) -> bool:
+    head, _, tail = name.rpartition(".")
+    return bool(head) and tail.isdigit()
+
+
 def request_body(crs: str, params: dict[str, Any]) -> dict[str, Any]:
     unknown = set(params) - set(SEARCH_AND_READ) - {"fill_value"}
     if unknown:
@@ -84,11 +121,24 @@ def request_body(crs: str, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def prepare(
-    area: dict[str, Any], chunk_size: int | tuple[int, int], params: dict[str, Any]
+    area: dict[str, Any],
+    chunk_size: int | tuple[int, int],
+    params: dict[str, Any],
+    chunks: Mapping[str, int] | None = None,
 ) -> tuple[Grid, list[dict[str, Any]], dict[str, Any]]:
     """The output grid (`area`: Grid.make's arguments), its chunk specs and the shared
-    request body of a read."""
+    request body of a read (`params` normalised in place). `chunks` ({"x": .., "y": ..},
+    xarray's spelling) overrides `chunk_size` along the dimensions it names."""
+    if chunks:
+        unknown = set(chunks) - {"x", "y", "time"}
+        if unknown:
+            raise ValueError(f"chunks: dimensions {sorted(unknown)}; known: x, y, time")
+        sy, sx = (chunk_size, chunk_size) if isinstance(chunk_size, int) else chunk_size
+        chunk_size = (int(chunks.get("y", sy)), int(chunks.get("x", sx)))
     grid = Grid.make(**area)
+    normalised = normalise_params(params)
+    params.clear()
+    params.update(normalised)
     return grid, chunk_specs(grid, chunk_size), request_body(grid.crs, params)
 
 
@@ -229,8 +279,29 @@ def _time_labels(labels: Any) -> list[str | None]:
     return sorted(set(labels), key=lambda v: (v is not None, v or "")) or [None]
 
 
-def to_dataarray(grid: Grid, data: Any, labels: Sequence[str | None], params: dict[str, Any]):
-    """Wrap a (time, band, y, x) array (numpy or dask) with coordinates and the CRS."""
+def describe(headers: Sequence[Mapping[str, Any]]) -> tuple[list[str] | None, dict[Any, str]]:
+    """Band names and each time label's item ids, from chunk frame headers or dry-run plans."""
+    names = None
+    ids: dict[Any, set[str]] = {}
+    for h in headers:
+        names = names or h.get("bands") or (h.get("layout") or {}).get("names")
+        for label, items in zip(h.get("time") or [], h.get("time_items") or [], strict=False):
+            ids.setdefault(label, set()).update(items)
+    return names, {label: ",".join(sorted(v)) for label, v in ids.items()}
+
+
+def to_dataarray(
+    grid: Grid,
+    data: Any,
+    labels: Sequence[str | None],
+    params: dict[str, Any],
+    names: Sequence[str] | None = None,
+    ids: Mapping[Any, str] | None = None,
+):
+    """Wrap a (time, band, y, x) array (numpy or dask) with coordinates and the CRS: `band`
+    holds the band names ("visual.1", or the asset's name for a one-band asset; so
+    `.to_dataset(dim="band")` gives one variable per band) and `id` along time the items of
+    each layer, as stackstac gives them."""
     import xarray as xr
 
     rx, ry = grid.res
@@ -251,7 +322,10 @@ def to_dataarray(grid: Grid, data: Any, labels: Sequence[str | None], params: di
         dims=("time", "band", "y", "x"),
         coords={
             "time": _time_coord(labels),
-            "band": np.arange(1, data.shape[1] + 1),
+            "band": list(names)
+            if names and len(names) == data.shape[1]
+            else np.arange(1, data.shape[1] + 1),
+            "id": ("time", [(ids or {}).get(label, "") for label in labels]),
             "y": y,
             "x": x,
             "spatial_ref": spatial_ref,
@@ -298,7 +372,8 @@ def assemble(
         chunk = chunks.get(spec["id"])
         if chunk is not None:
             place(out, labels, chunk, *spec["_offset"], fill)
-    return to_dataarray(grid, out, labels, params)
+    names, ids = describe([c.header for c in chunks.values()])
+    return to_dataarray(grid, out, labels, params, names, ids)
 
 
 def lazy(
@@ -328,7 +403,8 @@ def lazy(
         shape = (len(labels), bands, spec["height"], spec["width"])
         rows.setdefault(r0, []).append(da.from_delayed(block, shape=shape, dtype=dtype))
     array = da.block([[[rows[r] for r in sorted(rows)]]])
-    return to_dataarray(grid, array, labels, params)
+    names, ids = describe(plans)
+    return to_dataarray(grid, array, labels, params, names, ids)
 
 
 _CLIENTS: dict[Any, Any] = {}

@@ -334,6 +334,8 @@ def to_dataarray(
             "crs": grid.crs,
             "grid_mapping": "spatial_ref",
             "assets": list(params.get("assets") or []),
+            **({"bidx": list(params["bidx"])} if params.get("bidx") else {}),
+            **({"group_by": params["group_by"]} if params.get("group_by") else {}),
             "_FillValue": _fill_value(data.dtype, params),
         },
         name="terrazzo",

@@ -127,6 +127,15 @@ def test_no_match_raises_and_allow_empty_is_typed(server: Server) -> None:
             client.read(far, **READ)
         with pytest.raises(NoItemsFound):
             client.open(far, **READ)
-        empty = client.read(far, allow_empty=True, dtype="uint8", **READ)
-    assert empty.sizes["time"] == 0 and empty.dtype == np.uint8
-    assert empty.sizes["y"] == 512 and empty.sizes["x"] == 512
+        empty = client.read(far, allow_empty=True, **READ)
+        lazy = client.open(far, allow_empty=True, **READ)
+        full = client.read(area(64, 30), **READ)
+    # typed as a read of these assets is elsewhere: uint8, visual.1..3; no time layer
+    for array in (empty, lazy):
+        assert array.sizes["time"] == 0 and array.dtype == full.dtype == np.uint8
+        assert (
+            list(array.band.values)
+            == list(full.band.values)
+            == ["visual.1", "visual.2", "visual.3"]
+        )
+        assert array.sizes["y"] == 512 and array.sizes["x"] == 512

@@ -328,7 +328,8 @@ class AsyncClient:
         `chunk_size` sets the pixels per chunk request.
         `errors`: "raise" (ChunkError, ItemError naming the item and chunk), "warn" or "ignore"
         (the read with holes where failed items had data). No matching item at all raises
-        NoItemsFound unless `allow_empty` (then the array has no time layer). A read larger
+        NoItemsFound unless `allow_empty` (then the array has no time layer, and the bands,
+        names and dtype a read of these assets has elsewhere in the catalog). A read larger
         than `max_bytes` (default: half the memory available) raises ReadTooLarge before any
         request: `open` it lazily instead.
         """
@@ -352,9 +353,13 @@ class AsyncClient:
             except ReadInterrupted as exc:
                 exc._continuation = finish
                 raise
+            headers = [c.header for c in chunks.values()]
+            hint = None
             if not allow_empty:
-                layout.check_found([c.header for c in chunks.values()], body)
-            result = layout.assemble(grid, specs, chunks, params)
+                layout.check_found(headers, body)
+            elif not any(h.get("items") for h in headers):
+                hint = await self.probe_layout(body)
+            result = layout.assemble(grid, specs, chunks, params, hint)
             layout.check_errors(chunks, errors, result)
             return result
 
@@ -404,10 +409,24 @@ class AsyncClient:
             raise ChunkError(first, refused[first], refused, {})
         if not allow_empty:
             layout.check_found(plans, body)
+        elif not any(p.get("items") for p in plans):
+            plans = [*plans, {"id": None, "layout": await self.probe_layout(body)}]
         array = layout.lazy(self.config, grid, specs, body, plans, params, errors)
         if chunks and "time" in chunks and array.sizes["time"]:
             array = array.chunk({"time": chunks["time"]})
         return array
+
+    async def probe_layout(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The bands, dtype and band names a read with `body` gives, for an empty result to
+        be typed like a full one: a dry run of one small chunk over the catalog's extent,
+        without the time and item filters (None when the catalog has nothing to read)."""
+        extent = (await self.info()).get("bbox")
+        if not extent:
+            return None
+        probe = {k: v for k, v in body.items() if k not in ("datetime", "ids", "filter", "crs")}
+        chunk = {"id": "probe", "bbox": extent, "width": 16, "height": 16}
+        plans = await self.dry_run([chunk], {**probe, "crs": "EPSG:4326"}, progress=False)
+        return plans[0].get("layout") if plans else None
 
     async def dry_run(
         self,

@@ -356,9 +356,14 @@ def place(
 
 
 def assemble(
-    grid: Grid, specs: Sequence[dict[str, Any]], chunks: dict[str, Chunk], params: dict[str, Any]
+    grid: Grid,
+    specs: Sequence[dict[str, Any]],
+    chunks: dict[str, Chunk],
+    params: dict[str, Any],
+    hint: Mapping[str, Any] | None = None,
 ):
-    """The eager DataArray from every chunk of the read."""
+    """The eager DataArray from every chunk of the read (`hint`: the layout an empty read
+    takes its bands and dtype from, see AsyncClient.probe_layout)."""
     with_data = [c for c in chunks.values() if c.data is not None]
     labels = _time_labels(label for c in with_data for label in (c.header.get("time") or [None]))
     if not any(c.header.get("items") for c in chunks.values()):
@@ -366,6 +371,8 @@ def assemble(
     if with_data:
         dtype = np.result_type(*(c.data.dtype for c in with_data))
         bands = with_data[0].data.shape[1]
+    elif hint:
+        dtype, bands = np.dtype(params.get("dtype") or hint["dtype"]), int(hint["bands"])
     else:
         dtype, bands = np.dtype(params.get("dtype") or "float32"), 1
     fill = _fill_value(dtype, params)
@@ -374,7 +381,9 @@ def assemble(
         chunk = chunks.get(spec["id"])
         if chunk is not None:
             place(out, labels, chunk, *spec["_offset"], fill)
-    names, ids = describe([c.header for c in chunks.values()])
+    names, ids = describe(
+        [c.header for c in chunks.values()] + ([{"layout": hint}] if hint else [])
+    )
     return to_dataarray(grid, out, labels, params, names, ids)
 
 
@@ -393,6 +402,8 @@ def lazy(
 
     layouts = [p["layout"] for p in plans if p.get("layout")]
     labels = _time_labels(label for p in plans for label in (p.get("time") or []))
+    if not any(p.get("items") for p in plans):
+        labels = []  # nothing matched (allow_empty): no time layer
     dtype = np.dtype(layouts[0]["dtype"]) if layouts else np.dtype(params.get("dtype") or "uint8")
     bands = layouts[0]["bands"] if layouts else 1
     fill = _fill_value(dtype, params)

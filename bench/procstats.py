@@ -35,12 +35,30 @@ def reset_peak(pids: list[int]) -> None:
 
 
 def children(pid: int) -> list[int]:
-    """The process and its descendants (a server and its compute workers)."""
+    """The process and its descendants (a server and its compute workers). Every thread's
+    children: the compute pool's forkserver is started from a thread, and
+    /proc/PID/task/PID/children lists only the main thread's."""
     try:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except FileNotFoundError:
         return []
-    return [pid] + [p for kid in kids for p in children(int(kid))]
+    kids: list[str] = []
+    for task in tasks:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            kids += (task / "children").read_text().split()
+    return [pid] + [p for kid in dict.fromkeys(kids) for p in children(int(kid))]
+
+
+def pss_mb(pids: list[int]) -> float:
+    """Proportional set size of these processes (shared pages split between them, so a
+    forked worker's copy-on-write pages are not counted twice as RSS sums do)."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) / 1024
+    return total
 
 
 def cpu_seconds(pids: list[int]) -> float:

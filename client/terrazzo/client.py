@@ -34,6 +34,7 @@ from terrazzo.framing import MEDIA_TYPE, Chunk, FramingError, aiter_frames
 
 T = TypeVar("T")
 RETRY_STATUS = {429, 502, 503, 504}
+AREA = ("bbox", "crs", "resolution", "shape", "anchor", "bbox_crs", "geopolygon", "like")
 DRY_RUN_BATCH = 500  # chunks per dry-run request (the server takes up to 10,000)
 
 
@@ -334,16 +335,7 @@ class AsyncClient:
         request: `open` it lazily instead.
         """
         layout.check_errors_option(errors)
-        area = {
-            "bbox": bbox,
-            "crs": crs,
-            "resolution": resolution,
-            "shape": shape,
-            "anchor": anchor,
-            "bbox_crs": bbox_crs,
-            "geopolygon": geopolygon,
-            "like": like,
-        }
+        area = {k: v for k, v in locals().items() if k in AREA}  # Grid.make's arguments
         grid, specs, body = layout.prepare(area, chunk_size, params, chunks)
         layout.check_size(grid, params, max_bytes)
 
@@ -391,16 +383,7 @@ class AsyncClient:
         errors raise (or warn) when the block that meets them is computed.
         """
         layout.check_errors_option(errors)
-        area = {
-            "bbox": bbox,
-            "crs": crs,
-            "resolution": resolution,
-            "shape": shape,
-            "anchor": anchor,
-            "bbox_crs": bbox_crs,
-            "geopolygon": geopolygon,
-            "like": like,
-        }
+        area = {k: v for k, v in locals().items() if k in AREA}  # Grid.make's arguments
         grid, specs, body = layout.prepare(area, chunk_size, params, chunks)
         plans = await self.dry_run(specs, body, progress=progress)
         refused = {str(p["id"]): p.get("error") or "error" for p in plans if p["status"] == "error"}

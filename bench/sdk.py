@@ -298,10 +298,10 @@ def instrument() -> None:
 
     assemble = tlayout.assemble
 
-    def timed_assemble(grid: Any, specs: Any, chunks: dict, params: dict) -> Any:
+    def timed_assemble(grid: Any, specs: Any, chunks: dict, params: dict, *rest: Any) -> Any:
         t = time.perf_counter()
         try:
-            return assemble(grid, specs, chunks, params)
+            return assemble(grid, specs, chunks, params, *rest)
         finally:
             PROBE.assemble_s += time.perf_counter() - t
             PROBE.headers = [c.header for c in chunks.values()]

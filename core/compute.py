@@ -44,7 +44,7 @@ from affine import Affine
 from core import faults
 from core.mosaic import METHODS
 from core.plan import AssetRead
-from core.warp import warp
+from core.warp import Window, aligned, warp_part
 
 T = TypeVar("T")
 log = logging.getLogger("terrazzo.compute")
@@ -74,9 +74,12 @@ class Target:
     height: int
 
 
-def warp_one(source: Source, target: Target, resampling: str) -> tuple[np.ndarray, np.ndarray]:
+Layer = tuple[np.ndarray, np.ndarray, Window]  # pixels and validity of a window, the window
+
+
+def warp_one(source: Source, target: Target, resampling: str) -> Layer:
     """Reproject one source window onto the target grid (only where it can land)."""
-    return warp(
+    return warp_part(
         source.data,
         source.valid,
         Affine(*source.transform[:6]),
@@ -89,21 +92,37 @@ def warp_one(source: Source, target: Target, resampling: str) -> tuple[np.ndarra
     )
 
 
+def is_copy(sources: Sequence[Source], target: Target, resampling: str) -> bool:
+    """Whether `warp_item` of these is a plain copy (nearest, every source on the target's
+    own grid: a chunk read in the COGs' CRS and resolution). Then it is cheaper on the event
+    loop (a memcpy) than two trips of the pixels through a worker's pipe."""
+    dst = Affine(*target.transform[:6])
+    return resampling == "nearest" and all(
+        aligned(Affine(*s.transform[:6]), s.crs, dst, target.crs, *(s.dst_window or (0, 0))[:2])
+        is not None
+        for s in sources
+    )
+
+
 def warp_item(
     sources: Sequence[Source],
     target: Target,
     resampling: str,
     bidx: Sequence[int] = (),
     unscale: Sequence[tuple[float, float]] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Warp each asset of one item and stack their bands (valid where every asset is).
+) -> Layer:
+    """Warp each asset of one item and stack their bands (valid where every asset is), on
+    the part of the grid the item reaches: that window, not a grid-sized layer, is what goes
+    back through the pipe (an item covering a sliver of a 1024² chunk sent the whole chunk).
 
     `unscale` is (scale, offset) per stacked band: applied after warping, in float32, the way
     rio-tiler does (its kernels run on the stored values), before any mosaic."""
-    layers = [warp_one(s, target, resampling) for s in sources]
-    dtype = np.result_type(*(d.dtype for d, _ in layers))
-    data = np.concatenate([d.astype(dtype, copy=False) for d, _ in layers], axis=0)
-    valid = np.logical_and.reduce([v for _, v in layers])
+    parts = [warp_one(s, target, resampling) for s in sources]
+    window = _union([w for _, _, w in parts])
+    dtype = np.result_type(*(d.dtype for d, _, _ in parts))
+    placed = [_place(p, window) for p in parts]
+    data = np.concatenate([d.astype(dtype, copy=False) for d, _ in placed], axis=0)
+    valid = np.logical_and.reduce([v for _, v in placed])
     if unscale is not None:
         scaling = np.asarray(unscale, dtype=np.float64).reshape(-1, 2, 1, 1)
         data = data.astype(np.float32)
@@ -111,16 +130,42 @@ def warp_item(
         np.add(data, scaling[:, 1], out=data, casting="unsafe")
     if bidx:
         data = data[[b - 1 for b in bidx]]
-    return data, valid
+    return data, valid, window
+
+
+def _union(windows: Sequence[Window]) -> Window:
+    col, row = min(w[0] for w in windows), min(w[1] for w in windows)
+    right = max(w[0] + w[2] for w in windows)
+    bottom = max(w[1] + w[3] for w in windows)
+    return (col, row, right - col, bottom - row)
+
+
+def _place(layer: Layer, window: Window) -> tuple[np.ndarray, np.ndarray]:
+    """A layer's pixels on `window` (which holds its own window); not valid elsewhere."""
+    data, valid, (col, row, w, h) = layer
+    if (col, row, w, h) == window:
+        return data, valid
+    c0, r0, width, height = window
+    out = np.zeros((data.shape[0], height, width), dtype=data.dtype)
+    out_valid = np.zeros((height, width), dtype=bool)
+    out[:, row - r0 : row - r0 + h, col - c0 : col - c0 + w] = data
+    out_valid[row - r0 : row - r0 + h, col - c0 : col - c0 + w] = valid
+    return out, out_valid
+
+
+def expand(layer: Layer, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A layer on the whole (height, width) grid."""
+    return _place(layer, (0, 0, shape[1], shape[0]))
 
 
 def mosaic(
-    layers: Sequence[tuple[np.ndarray, np.ndarray]], method: str
+    layers: Sequence[Layer], method: str, shape: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Combine warped layers in order with one fresh instance of `method`."""
+    """Combine warped layers in order with one fresh instance of `method`, on the whole
+    (height, width) grid (each layer arrives as its window, expanded here in the worker)."""
     combiner = METHODS[method]()
-    for data, valid in layers:
-        combiner.feed(data, valid)
+    for layer in layers:
+        combiner.feed(*expand(layer, shape))
     return combiner.result()
 
 

@@ -333,8 +333,12 @@ class Engine:
             data, valid = layers[0].data, layers[0].valid
         else:
             with clock.stage("mosaic"):
+                whole = (0, 0, plan.grid.width, plan.grid.height)
                 data, valid = await self.compute.run(
-                    compute.mosaic, [(m.data, m.valid) for m in layers], "first"
+                    compute.mosaic,
+                    [(m.data, m.valid, whole) for m in layers],
+                    "first",
+                    (plan.grid.height, plan.grid.width),
                 )
         return Mosaic(data=data, valid=valid, plan=merged, errors=errors, clock=clock)
 
@@ -362,7 +366,7 @@ class Engine:
         target = Target(crs=g.crs, transform=tuple(g.transform)[:6], width=g.width, height=g.height)
         limit = asyncio.Semaphore(self.settings.request_concurrency)
 
-        async def one(item: ItemRead) -> tuple[np.ndarray, np.ndarray]:
+        async def one(item: ItemRead) -> compute.Layer:
             async with limit:
                 with clock.stage("fetch"):
                     pixels = await asyncio.gather(
@@ -373,13 +377,15 @@ class Engine:
                 ]
                 scaling = _scaling(item) if params.unscale else None
                 with clock.stage("warp"):
+                    if scaling is None and compute.is_copy(sources, target, params.resampling):
+                        return compute.warp_item(sources, target, params.resampling, params.bidx)
                     return await self.compute.run(
                         compute.warp_item, sources, target, params.resampling, params.bidx, scaling
                     )
 
         items = plan.items if METHODS[params.method].repeats_count else _distinct(plan.items)
         tasks = [asyncio.ensure_future(one(item)) for item in items]
-        layers: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(tasks)
+        layers: list[compute.Layer | None] = [None] * len(tasks)
         early_exit = params.method == "first"
         covered = np.zeros((g.height, g.width), dtype=bool)
         next_in_order = 0
@@ -395,7 +401,8 @@ class Engine:
                     while next_in_order <= index:
                         layer = layers[next_in_order]
                         if layer is not None:
-                            covered |= layer[1]
+                            _, valid, (col, row, w, h) = layer
+                            covered[row : row + h, col : col + w] |= valid
                         next_in_order += 1
                     if covered.all():
                         break
@@ -406,16 +413,17 @@ class Engine:
         done = [layer for layer in layers if layer is not None]
         if not done:
             raise ReadFailed(errors)
-        bands = {d.shape[0] for d, _ in done}
+        bands = {d.shape[0] for d, _, _ in done}
         if len(bands) > 1:
             raise ParamError(
                 f"assets: items have different band counts {sorted(bands)}; choose bands with bidx"
             )
+        shape = (g.height, g.width)
         if len(done) == 1 and METHODS[params.method].identity_for_one:
-            data, valid = done[0]
+            data, valid = compute.expand(done[0], shape)  # a copy into the grid at most
         else:
             with clock.stage("mosaic"):
-                data, valid = await self.compute.run(compute.mosaic, done, params.method)
+                data, valid = await self.compute.run(compute.mosaic, done, params.method, shape)
         if not valid.any():
             return None
         return Mosaic(data=data, valid=valid, plan=plan, errors=errors, clock=clock)

@@ -12,6 +12,7 @@ Two kernels, one contract — (data, valid) in, (data, valid) out on the destina
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -38,11 +39,35 @@ def warp(
     resampling: str,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Warp onto the (height, width) grid, computing only `window` (col, row, w, h) of it."""
+    part, part_valid, (col, row, w, h) = warp_part(
+        data, valid, src_transform, src_crs, dst_transform, dst_crs, dst_shape, window, resampling
+    )
+    out = np.zeros((data.shape[0], *dst_shape), dtype=data.dtype)
+    out_valid = np.zeros(dst_shape, dtype=bool)
+    out[:, row : row + h, col : col + w] = part
+    out_valid[row : row + h, col : col + w] = part_valid
+    return out, out_valid
+
+
+def warp_part(
+    data: np.ndarray,
+    valid: np.ndarray,
+    src_transform: Affine,
+    src_crs: str,
+    dst_transform: Affine,
+    dst_crs: str,
+    dst_shape: tuple[int, int],
+    window: Window | None,
+    resampling: str,
+) -> tuple[np.ndarray, np.ndarray, Window]:
+    """`warp`, returning only the window's pixels (zero where not valid) and the window: an
+    item covering a sliver of a chunk sends back the sliver, not a chunk-sized layer."""
     height, width = dst_shape
     col, row, w, h = window or (0, 0, width, height)
-    out = np.zeros((data.shape[0], height, width), dtype=data.dtype)
-    out_valid = np.zeros((height, width), dtype=bool)
-    if resampling == "nearest" and w * h <= NUMPY_NEAREST_MAX_PIXELS:
+    offset = aligned(src_transform, src_crs, dst_transform, dst_crs, col, row)
+    if resampling == "nearest" and offset is not None:
+        part, part_valid = _copy(data, valid, offset, (h, w))
+    elif resampling == "nearest" and w * h <= NUMPY_NEAREST_MAX_PIXELS:
         part, part_valid = _nearest(
             data, valid, src_transform, src_crs, dst_transform, dst_crs, width, (col, row, w, h)
         )
@@ -51,8 +76,45 @@ def warp(
         part, part_valid = _gdal(
             data, valid, src_transform, src_crs, transform, dst_crs, (h, w), resampling
         )
-    out[:, row : row + h, col : col + w] = np.where(part_valid, part, 0)
-    out_valid[row : row + h, col : col + w] = part_valid
+    return (
+        np.where(part_valid, part, 0).astype(data.dtype, copy=False),
+        part_valid,
+        (col, row, w, h),
+    )
+
+
+def aligned(
+    src: Affine, src_crs: str, dst: Affine, dst_crs: str, col: int, row: int
+) -> tuple[int, int] | None:
+    """The source (col, row) under the window's first pixel when both grids are the same
+    (same CRS, north-up, same pixel size, offset by whole pixels), else None: then nearest
+    is a copy (what GDAL's and the numpy kernel's nearest give there, without either)."""
+    if src_crs != dst_crs or src.b or src.d or dst.b or dst.d:
+        return None
+    if not (math.isclose(src.a, dst.a, rel_tol=1e-9) and math.isclose(src.e, dst.e, rel_tol=1e-9)):
+        return None
+    x = (dst.c + col * dst.a - src.c) / src.a
+    y = (dst.f + row * dst.e - src.f) / src.e
+    if abs(x - round(x)) > 1e-6 or abs(y - round(y)) > 1e-6:
+        return None
+    return round(x), round(y)
+
+
+def _copy(
+    data: np.ndarray, valid: np.ndarray, offset: tuple[int, int], shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (h, w) block of the source starting at `offset` (outside it: not valid)."""
+    h, w = shape
+    x0, y0 = offset
+    src_h, src_w = valid.shape
+    out = np.zeros((data.shape[0], h, w), dtype=data.dtype)
+    out_valid = np.zeros((h, w), dtype=bool)
+    sx0, sy0 = max(x0, 0), max(y0, 0)
+    sx1, sy1 = min(x0 + w, src_w), min(y0 + h, src_h)
+    if sx1 > sx0 and sy1 > sy0:
+        dx, dy = sx0 - x0, sy0 - y0
+        out[:, dy : dy + sy1 - sy0, dx : dx + sx1 - sx0] = data[:, sy0:sy1, sx0:sx1]
+        out_valid[dy : dy + sy1 - sy0, dx : dx + sx1 - sx0] = valid[sy0:sy1, sx0:sx1]
     return out, out_valid
 
 

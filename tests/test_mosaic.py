@@ -9,14 +9,15 @@ from core.compute import mosaic
 from core.mosaic import METHODS
 
 
-def layers() -> list[tuple[np.ndarray, np.ndarray]]:
+def layers() -> list[tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]]:
     a = np.array([[[1, 2], [3, 4]]], dtype="uint8")
     b = np.array([[[9, 8], [7, 6]]], dtype="uint8")
     c = np.array([[[5, 5], [5, 5]]], dtype="uint8")
     va = np.array([[True, False], [True, False]])
     vb = np.array([[True, True], [False, False]])
     vc = np.array([[False, True], [True, False]])
-    return [(a, va), (b, vb), (c, vc)]
+    whole = (0, 0, 2, 2)
+    return [(a, va, whole), (b, vb, whole), (c, vc, whole)]
 
 
 @pytest.mark.parametrize(
@@ -32,21 +33,21 @@ def layers() -> list[tuple[np.ndarray, np.ndarray]]:
     ],
 )
 def test_methods(method: str, expected: list[list[int]]) -> None:
-    data, valid = mosaic(layers(), method)
+    data, valid = mosaic(layers(), method, (2, 2))
     assert data[0].tolist() == expected
     assert valid.tolist() == [[True, True], [True, False]]
 
 
 def test_stdev_is_float_and_correct() -> None:
-    data, _ = mosaic(layers(), "stdev")
+    data, _ = mosaic(layers(), "stdev", (2, 2))
     assert data.dtype == np.float32
     assert data[0, 0, 0] == pytest.approx(4.0)  # std of 1 and 9
     assert data[0, 1, 0] == pytest.approx(1.0)  # std of 3 and 5
 
 
 def test_one_instance_per_call_keeps_no_state() -> None:
-    first = mosaic(layers(), "first")[0].copy()
-    again = mosaic(layers(), "first")[0]
+    first = mosaic(layers(), "first", (2, 2))[0].copy()
+    again = mosaic(layers(), "first", (2, 2))[0]
     assert np.array_equal(first, again)
     assert set(METHODS) >= {
         "first",
@@ -58,3 +59,16 @@ def test_one_instance_per_call_keeps_no_state() -> None:
         "stdev",
         "count",
     }
+
+
+def test_layers_arrive_as_their_windows() -> None:
+    """A layer covering part of the grid travels as that part and lands where it belongs."""
+    a = np.full((1, 2, 2), 7, dtype="uint8")
+    b = np.full((1, 1, 3), 9, dtype="uint8")
+    data, valid = mosaic(
+        [(a, np.ones((2, 2), bool), (1, 0, 2, 2)), (b, np.ones((1, 3), bool), (0, 2, 3, 1))],
+        "first",
+        (3, 3),
+    )
+    assert data[0].tolist() == [[0, 7, 7], [0, 7, 7], [9, 9, 9]]
+    assert valid.tolist() == [[False, True, True], [False, True, True], [True, True, True]]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from affine import Affine
 
-from core.warp import _gdal, approx_rows, pixel_transform, warp
+from core.warp import _gdal, aligned, approx_rows, pixel_transform, warp
 
 SRC = Affine(120, 0, 520000, 0, -120, 4990000)  # UTM 32N, near 9.3°E 45°N
 RNG = np.random.default_rng(0)
@@ -87,3 +87,28 @@ def test_gdal_kernels_respect_the_mask(resampling: str) -> None:
     )
     assert out_valid[:, 110:].all() and not out_valid[:, :90].any()
     assert (out[0][out_valid] == 100).all()
+
+
+@pytest.mark.parametrize("shift", [(0, 0), (37, -12), (-50, 300), (390, 390)])
+@pytest.mark.parametrize("size", [64, 512])
+def test_a_gridaligned_to_the_source_is_a_copy_equal_to_gdals_nearest(
+    shift: tuple[int, int], size: int
+) -> None:
+    """Same CRS, same pixel size, whole-pixel offset (a chunk read in the COG's own grid):
+    nearest is a copy, and equals GDAL's warper (and the numpy kernel) exactly, edges included."""
+    data = RNG.integers(1, 255, (3, 400, 400), dtype=np.uint8)
+    valid = RNG.random((400, 400)) > 0.05
+    dx, dy = shift
+    dst = SRC * Affine.translation(dx, dy)
+    ours, ours_valid = warp(
+        data, valid, SRC, "EPSG:32632", dst, "EPSG:32632", (size, size), None, "nearest"
+    )
+    gdal, gdal_valid = _gdal(
+        data, valid, SRC, "EPSG:32632", dst, "EPSG:32632", (size, size), "nearest"
+    )
+    np.testing.assert_array_equal(ours_valid, gdal_valid)
+    np.testing.assert_array_equal(np.where(ours_valid, ours, 0), np.where(gdal_valid, gdal, 0))
+    assert aligned(SRC, "EPSG:32632", dst, "EPSG:32632", 0, 0) == shift
+    half = SRC * Affine.translation(0.5, 0)  # half a pixel off: not a copy
+    assert aligned(SRC, "EPSG:32632", half, "EPSG:32632", 0, 0) is None
+    assert aligned(SRC, "EPSG:32632", dst, "EPSG:32633", 0, 0) is None

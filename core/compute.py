@@ -31,6 +31,7 @@ import multiprocessing.connection
 import os
 import pickle
 import signal
+import struct
 import threading
 import time
 import traceback
@@ -201,6 +202,42 @@ def _job_name(fn: Callable[..., Any]) -> str:
     return getattr(getattr(fn, "func", fn), "__name__", repr(fn))
 
 
+@dataclass(frozen=True)
+class _Message:
+    """A pickle whose large buffers (the numpy arrays' memory) travel out of band (pickle
+    protocol 5, PEP 574): written to the pipe as they are and read into writable memory of
+    their own, instead of being copied into the pickle and out of it again on each side."""
+
+    head: bytes  # the frame: buffer count and sizes, then the pickle without the buffers
+    buffers: list[memoryview]
+
+
+def _pack(obj: Any) -> _Message:
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    raws = [b.raw() for b in buffers]
+    sizes = [r.nbytes for r in raws]
+    return _Message(struct.pack(f"<I{len(sizes)}Q", len(sizes), *sizes) + data, raws)
+
+
+def _send(conn: multiprocessing.connection.Connection, message: _Message) -> None:
+    conn.send_bytes(message.head)
+    for raw in message.buffers:
+        conn.send_bytes(raw)
+
+
+def _recv(conn: multiprocessing.connection.Connection) -> Any:
+    head = conn.recv_bytes()
+    (count,) = struct.unpack_from("<I", head)
+    sizes = struct.unpack_from(f"<{count}Q", head, 4)
+    buffers = []
+    for size in sizes:
+        buffer = bytearray(size)
+        conn.recv_bytes_into(buffer)
+        buffers.append(buffer)
+    return pickle.loads(memoryview(head)[4 + 8 * count :], buffers=buffers)
+
+
 def _worker_main(conn: multiprocessing.connection.Connection, modules: tuple[str, ...]) -> None:
     """A compute worker: read a job from its own pipe, run it, write the reply; until EOF.
 
@@ -211,28 +248,28 @@ def _worker_main(conn: multiprocessing.connection.Connection, modules: tuple[str
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.nice(10)
     injected = faults.ComputeFault.from_env()
-    conn.send_bytes(pickle.dumps(_warm(modules)))  # ready: imports done
+    _send(conn, _pack(_warm(modules)))  # ready: imports done
     while True:
-        try:
-            message = conn.recv_bytes()
-        except (EOFError, OSError):
-            return  # the server closed the pipe or is gone: go with it
         name = "?"
         try:
-            fn, args = pickle.loads(message)
+            job = _recv(conn)
+        except (EOFError, OSError):
+            return  # the server closed the pipe or is gone: go with it
+        try:
+            fn, args = job
             name = _job_name(fn)
             faults.before_job(injected, name)
             reply: tuple = (True, fn(*args))
         except BaseException as exc:  # the job's own error goes back to the caller
             reply = (False, exc, traceback.format_exc())
         try:
-            payload = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
+            payload = _pack(reply)
         except Exception as exc:
             error = RuntimeError(f"compute job {name}: its result does not pickle: {exc!r}")
-            payload = pickle.dumps((False, error, traceback.format_exc()))
-        faults.before_reply(injected, name, conn.fileno(), payload)
+            payload = _pack((False, error, traceback.format_exc()))
+        faults.before_reply(injected, name, conn.fileno(), [payload.head, *payload.buffers])
         try:
-            conn.send_bytes(payload)
+            _send(conn, payload)
         except OSError:
             return
 
@@ -294,7 +331,7 @@ class _Worker:
         if not multiprocessing.connection.wait([parent, process.sentinel], self.pool.start_timeout):
             raise _Died(f"did not start within {self.pool.start_timeout} s")
         try:
-            self.pid = pickle.loads(parent.recv_bytes())
+            self.pid = _recv(parent)
         except (EOFError, OSError) as exc:
             raise _Died(f"died while starting ({self._exit_reason()})") from exc
 
@@ -368,7 +405,7 @@ class _Worker:
         if not job.future.set_running_or_notify_cancel():
             return  # cancelled while queued
         try:
-            payload = pickle.dumps((job.fn, job.args), protocol=pickle.HIGHEST_PROTOCOL)
+            payload = _pack((job.fn, job.args))
         except Exception as exc:
             job.future.set_exception(exc)
             return
@@ -419,14 +456,14 @@ class _Worker:
                 job.future.set_exception(exc)
             return
 
-    def _exchange(self, job: _Job, payload: bytes) -> tuple:
+    def _exchange(self, job: _Job, payload: _Message) -> tuple:
         """Send one job and wait for its reply, the worker's death, or a deadline (then kill
         it). Waits in short slices to notice a job its request abandoned, which is killed once
         past the grace period instead of holding the worker until its deadline."""
         assert self.conn is not None and self.process is not None
         conn, process, pool = self.conn, self.process, self.pool
         try:
-            conn.send_bytes(payload)
+            _send(conn, payload)
         except OSError as exc:
             raise _Died(f"died ({self._exit_reason()}) before taking the job", ran=False) from exc
         deadline = time.monotonic() + pool.job_timeout
@@ -446,10 +483,9 @@ class _Worker:
             )
             if conn in ready:
                 try:
-                    message = conn.recv_bytes()
+                    return _recv(conn)
                 except (EOFError, OSError) as exc:  # died mid-write: EOF inside the message
                     raise _Died(f"died ({self._exit_reason()})") from exc
-                return pickle.loads(message)
             if ready:  # the sentinel alone: dead, nothing written
                 raise _Died(f"died ({self._exit_reason()})")
 

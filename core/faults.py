@@ -143,13 +143,18 @@ def before_job(faults: list[ComputeFault], job: str) -> None:
             time.sleep(3600)
 
 
-def before_reply(faults: list[ComputeFault], job: str, fd: int, payload: bytes) -> None:
-    """Called by a compute worker with its framed reply about to be written to pipe `fd`."""
+def before_reply(faults: list[ComputeFault], job: str, fd: int, parts: list) -> None:
+    """Called by a compute worker with its reply about to be written to pipe `fd`: `parts`
+    are the messages it is written as (the pickle, then its out-of-band buffers)."""
     for fault in faults:
         if fault.fires("kill-mid-reply", job):
             # multiprocessing.Connection framing: a 4-byte big-endian length, then the bytes.
-            # Write the length and half the bytes, then die as a SIGKILL mid-write would.
-            part = memoryview(struct.pack("!i", len(payload)) + payload[: len(payload) // 2])
+            # Write every message but the last, the last one's length and half its bytes (the
+            # largest array when there is one), then die as a SIGKILL mid-write would.
+            *whole, last = [memoryview(p).cast("B") for p in parts]
+            frames = [struct.pack("!i", len(p)) + bytes(p) for p in whole]
+            frames.append(struct.pack("!i", len(last)) + bytes(last[: len(last) // 2]))
+            part = memoryview(b"".join(frames))
             while part:
                 part = part[os.write(fd, part) :]
             os.kill(os.getpid(), signal.SIGKILL)

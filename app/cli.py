@@ -114,7 +114,7 @@ def _setting_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", **common, **kind)
 
 
-BENCHMARKS = ("tiles", "remote", "chunks", "search", "load", "catalog")
+BENCHMARKS = ("tiles", "remote", "chunks", "search", "load", "catalog", "sdk")
 
 
 def _bench(args: argparse.Namespace) -> int:

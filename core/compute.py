@@ -93,15 +93,23 @@ def warp_one(source: Source, target: Target, resampling: str) -> Layer:
     )
 
 
+INLINE_COPY_MAX_BYTES = 16 << 20  # a copy this size takes a few ms: the loop may do it
+
+
 def is_copy(sources: Sequence[Source], target: Target, resampling: str) -> bool:
     """Whether `warp_item` of these is a plain copy (nearest, every source on the target's
-    own grid: a chunk read in the COGs' CRS and resolution). Then it is cheaper on the event
-    loop (a memcpy) than two trips of the pixels through a worker's pipe."""
+    own grid: a chunk read in the COGs' CRS and resolution) small enough for the event loop
+    (INLINE_COPY_MAX_BYTES): a memcpy there is cheaper than two trips through a pipe."""
     dst = Affine(*target.transform[:6])
-    return resampling == "nearest" and all(
-        aligned(Affine(*s.transform[:6]), s.crs, dst, target.crs, *(s.dst_window or (0, 0))[:2])
-        is not None
-        for s in sources
+    size = sum(s.data.nbytes + s.valid.nbytes for s in sources)
+    return (
+        resampling == "nearest"
+        and size <= INLINE_COPY_MAX_BYTES
+        and all(
+            aligned(Affine(*s.transform[:6]), s.crs, dst, target.crs, *(s.dst_window or (0, 0))[:2])
+            is not None
+            for s in sources
+        )
     )
 
 

@@ -261,3 +261,25 @@ def test_bad_requests_are_clear(http: httpx.Client, body: dict, status: int, nee
 def test_cut_stream_is_detected() -> None:
     with pytest.raises(FramingError, match="cut short"):
         parse_frames(b"TZCH" + (50).to_bytes(4, "little") + b'{"id": "a"')
+
+
+def test_a_chunk_on_the_cogs_own_grid_is_its_pixels_exactly(
+    http: httpx.Client, demo_catalog: Path
+) -> None:
+    """Same CRS, pixel size and whole-pixel offset as one COG (the aligned read Terrazzo
+    copies instead of warping): the chunk is rasterio's window read of that file, bit for
+    bit, mask included."""
+    cog = demo_catalog.parent / "cogs" / "demo-32632-2024-06-01-05_visual.tif"
+    with rasterio.open(cog) as src:
+        t = src.transform
+        col, row = src.width // 2 - 48, src.height // 2 - 48  # the interior: no neighbour
+        window = rasterio.windows.Window(col, row, 96, 96)
+        data = src.read(window=window)
+        mask = src.read_masks(1, window=window) > 0
+        bbox = rasterio.windows.bounds(window, t)
+    spec = {"id": "own", "bbox": list(bbox), "width": 96, "height": 96}
+    (chunk,) = post(http, {"crs": "EPSG:32632", "chunks": [spec], "assets": ["visual"]})
+    assert chunk.status == "ok", chunk.error
+    assert mask.mean() > 0.5
+    np.testing.assert_array_equal(chunk.mask[0], mask)
+    np.testing.assert_array_equal(np.where(mask, chunk.data[0], 0), np.where(mask, data, 0))

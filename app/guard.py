@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import json
 import re
+import urllib.parse
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,17 @@ from core.settings import Settings
 # Exact paths (never prefixes: `/docs/tilejson.json` must not pass as `/docs`). The viewer's
 # page and scripts carry no data (the page sends the key with its data requests).
 OPEN_PATHS = frozenset(
-    {"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc", "/map"}
+    {
+        "/",
+        "/conformance",
+        "/healthz",
+        "/readyz",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/openapi.json",
+        "/redoc",
+        "/map",
+    }
 )
 OPEN_PREFIXES = ("/static/",)  # a mounted StaticFiles app: it serves files, never data routes
 MAX_JSON_DEPTH = 64  # nesting of a JSON body; Python's parser itself gives up near 1,000
@@ -71,11 +82,11 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        if s.api_key and not _key_matches(headers, s.api_key):
+        if s.api_key and not _key_matches(headers, s.api_key, scope.get("query_string", b"")):
             await _reply(
                 send,
                 401,
-                "missing or wrong API key: send it as X-API-Key",
+                "missing or wrong API key: send it as X-API-Key (or ?access_token=)",
                 {"WWW-Authenticate": "Bearer"},
             )
             return
@@ -157,12 +168,20 @@ class Guard:
         return None, _replay(body, receive)
 
 
-def _key_matches(headers: dict[bytes, bytes], key: str) -> bool:
-    """Compare bytes, not text: a header with non-UTF-8 bytes is just a wrong key."""
+TOKEN_PARAMETER = "access_token"  # the query-string key, as TiTiler deployments name it
+
+
+def _key_matches(headers: dict[bytes, bytes], key: str, query: bytes = b"") -> bool:
+    """The key from X-API-Key, a Bearer token, or `?access_token=` (what <img>-based map
+    clients — Leaflet, OpenLayers' XYZ — can send; the request log records paths only, so the
+    token stays out of it). Compared as bytes: non-UTF-8 bytes are just a wrong key."""
     given = headers.get(b"x-api-key", b"")
     bearer = headers.get(b"authorization", b"")
     if not given and bearer[:7].lower() == b"bearer ":
         given = bearer[7:]
+    if not given and query:
+        values = urllib.parse.parse_qs(query.decode("latin-1")).get(TOKEN_PARAMETER)
+        given = values[0].encode("latin-1") if values else b""
     return hmac.compare_digest(given, key.encode())
 
 

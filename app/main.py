@@ -16,9 +16,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
-from app import catalog_routes, chunks, ogc, tiles, viewer
+from app import catalog_routes, chunks, landing, ogc, tiles, viewer
 from app.encoders import EncodeError
 from app.guard import Guard
+from app.head import HeadAsGet
 from app.metrics import CONTENT_TYPE, Metrics
 from app.observe import Observer
 from core.catalog import SearchError, SearchQuery
@@ -112,27 +113,34 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         summary="Mosaics of STAC-GeoParquet catalogs of Cloud-Optimized GeoTIFFs.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # app.landing serves /docs and /redoc from vendored assets (no CDN)
+        redoc_url=None,
     )
+    app.include_router(landing.router)  # before the viewer: its /static mount is broader
     app.include_router(tiles.router)
     app.include_router(chunks.router)
     app.include_router(ogc.router)
     app.include_router(catalog_routes.router)
     app.include_router(viewer.router)
-    if settings.cors_origins:
+    app.add_middleware(HeadAsGet)
+    app.add_middleware(Guard, settings=settings)
+    if settings.cors_origins:  # outside the guard: its 401/413/414/503 carry CORS headers too
+        origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
         app.add_middleware(
             CORSMiddleware,
-            allow_origins=[o.strip() for o in settings.cors_origins.split(",") if o.strip()],
-            allow_methods=["GET", "POST"],
+            allow_origins=origins,
+            allow_methods=["GET", "HEAD", "OPTIONS"] + ([] if origins == ["*"] else ["POST"]),
             allow_headers=["*"],
+            allow_credentials=False,
             expose_headers=[
                 "X-Terrazzo-Items",
                 "X-Terrazzo-Errors",
                 "X-Terrazzo-Truncated",
                 "X-Terrazzo-Source",
                 "Server-Timing",
+                "Retry-After",
             ],
         )
-    app.add_middleware(Guard, settings=settings)
     metrics = app.state.metrics = Metrics()
     metrics.watch(
         lambda: getattr(app.state, "engine", None),

@@ -105,7 +105,11 @@ class Settings(BaseSettings):
 
     # Access control and CORS
     api_key: str | None = Field(None, description="If set, data routes need X-API-Key.")
-    cors_origins: str = Field("", description="Comma-separated origins allowed by CORS, or *.")
+    cors_origins: str = Field(
+        "*",
+        description="Origins allowed by CORS: * (the default, as TiTiler: GET/HEAD/OPTIONS from "
+        "any page, no credentials), a comma-separated list (POST /chunks too), or empty: off.",
+    )
 
     # Chunks
     chunk_concurrency: int = Field(4, ge=1, description="Chunks of one request read at once.")

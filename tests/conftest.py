@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -168,3 +169,36 @@ def server(demo_catalog: Path) -> Iterator[Server]:
 def http(server: Server) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=60) as client:
         yield client
+
+
+SETUP_HINT = "run `make setup` (installs Debian's chromium and playwright into .venv)"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")  # per module: playwright's sync API and the asyncio tests
+def browser() -> Iterator[Any]:
+    """A real headless Chromium (Debian's, launched by playwright: no browser download)."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail(f"the playwright package is missing: {SETUP_HINT}")
+    executable = (
+        os.environ.get("TERRAZZO_CHROMIUM")
+        or shutil.which("chromium")
+        or shutil.which("chromium-browser")
+    )
+    if not executable:
+        pytest.fail(f"Chromium is not installed: {SETUP_HINT}")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

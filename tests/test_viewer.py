@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,40 +21,10 @@ from PIL import Image
 
 from tests.conftest import Server
 
-SETUP_HINT = "run `make setup` (installs Debian's chromium and playwright into .venv)"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 READY = "() => window.terrazzo && window.terrazzo.idle && window.terrazzo.map.areTilesLoaded()"
 BACKGROUND = np.array([0xDD, 0xE3, 0xE8])  # the page's map background, no base map
 DOCS_SHOT = Path(__file__).resolve().parent.parent / "docs" / "viewer.png"
 TWO_DATES = (10.05, 45.1)  # two June items (one masked there) and a September one
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail(f"the playwright package is missing: {SETUP_HINT}")
-    executable = (
-        os.environ.get("TERRAZZO_CHROMIUM")
-        or shutil.which("chromium")
-        or shutil.which("chromium-browser")
-    )
-    if not executable:
-        pytest.fail(f"Chromium is not installed: {SETUP_HINT}")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

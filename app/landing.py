@@ -18,6 +18,8 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from app.ogc import public_base_url
+
 router = APIRouter(tags=["landing"])
 DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"
 router.mount("/static/docs", StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
@@ -53,13 +55,9 @@ LINKS = [  # (rel, path, media type, title)
 ]
 
 
-def _base(request: Request) -> str:
-    return str(request.base_url).rstrip("/")
-
-
 @router.get("/", summary="Landing page: what this service offers, as links")
 async def landing(request: Request) -> Response:
-    base = _base(request)
+    base = public_base_url(request).rstrip("/")  # root path and forwarded prefix kept
     links = [
         {"rel": rel, "href": base + path, "type": kind, "title": title}
         for rel, path, kind, title in LINKS

@@ -127,7 +127,7 @@ class TerrazzoBackend(BackendEntrypoint):
     ) -> Dataset:
         """`read`: what `Client.read` takes (bbox/geopolygon/like, crs, resolution/shape,
         bands or assets, datetime, filter, groupby, errors...); `client`: Client options."""
-        from terrazzo.client import Client
+        from terrazzo.client import AREA, Client
 
         url = str(filename_or_obj).removeprefix("terrazzo+")
         options = {k: v for k, v in (client or {}).items() if k in CLIENT_OPTIONS}
@@ -136,11 +136,9 @@ class TerrazzoBackend(BackendEntrypoint):
             lazy = c.open(**read)  # the dry run: grid, times, bands, dtype; checks
         grid = Grid.like(lazy)
         bidx = lazy.attrs.get("bidx")  # as normalised: bands=["visual.2"] is bidx [2]
-        plain = {k: v for k, v in read.items() if k not in ("like", "chunks", "chunk_size")}
-        plain.pop("bands", None)
-        area_keys = ("bbox", "crs", "resolution", "shape", "anchor", "bbox_crs", "geopolygon")
-        for key in area_keys:
-            plain.pop(key, None)
+        # each band's window reads give their own area and bands (AREA: the client's grid keys)
+        skip = {*AREA, "chunks", "chunk_size", "bands"}
+        plain = {k: v for k, v in read.items() if k not in skip}
         assets = list(lazy.attrs.get("assets") or [])
         drop = {drop_variables} if isinstance(drop_variables, str) else set(drop_variables or ())
         variables: dict[str, Variable] = {}

@@ -74,11 +74,15 @@ def _collection(entry: dict[str, Any], base: str) -> dict[str, Any]:
         "item_assets": entry["item_assets"],
         "links": [
             {"rel": "self", "href": here, "type": "application/json"},
-            {"rel": "parent", "href": f"{base}collections", "type": "application/json"},
+            {"rel": "root", "href": base, "type": "application/json"},
+            {"rel": "parent", "href": base, "type": "application/json"},
+            # STAC API's paged full items (app.stac_api); /items is the viewer's footprints
+            {"rel": "items", "href": f"{here}/items", "type": GEOJSON},
             {
-                "rel": "items",
+                "rel": "alternate",
                 "href": f"{base}items?collections={quote(str(cid), safe='')}",
                 "type": GEOJSON,
+                "title": "Item footprints",
             },
             {
                 "rel": "tilejson",
@@ -101,7 +105,11 @@ async def collections(request: Request) -> dict[str, Any]:
         "collections": found,
         "numberMatched": len(found),
         "numberReturned": len(found),
-        "links": [{"rel": "self", "href": f"{base}collections", "type": "application/json"}],
+        "links": [
+            {"rel": "self", "href": f"{base}collections", "type": "application/json"},
+            {"rel": "root", "href": base, "type": "application/json"},
+            {"rel": "parent", "href": base, "type": "application/json"},
+        ],
     }
 
 

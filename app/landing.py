@@ -4,7 +4,9 @@ Why: a user's first request is `GET /`, and a tile server behind a firewall must
 itself without a CDN. Swagger UI and ReDoc come from the `fastapi-offline` package's vendored
 assets (mounted at /static/docs), not from jsDelivr as FastAPI's defaults do. The landing page
 is OGC API's: links by relation (self, service-desc, service-doc, conformance, tiles, map,
-collections), JSON by default and a small HTML page for browsers.
+collections), JSON by default and a small HTML page for browsers. The JSON is also a STAC API
+landing page (a STAC Catalog with `conformsTo` and the `search` links), so
+`pystac_client.Client.open(url)` works against it (app.stac_api).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from app.ogc import public_base_url
+from app.stac_api import CONFORMANCE as STAC_CONFORMANCE
+from app.stac_api import STAC_VERSION
 
 router = APIRouter(tags=["landing"])
 DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"
@@ -33,15 +37,24 @@ CONFORMANCE = [
     "http://www.opengis.net/spec/ogcapi-common-1/1.0/conf/oas30",
     "http://www.opengis.net/spec/tms/2.0/conf/tilematrixset",
     "http://www.opengis.net/spec/tms/2.0/conf/json-tilematrixset",
+    *STAC_CONFORMANCE,
 ]
 
 LINKS = [  # (rel, path, media type, title)
     ("self", "/", "application/json", "This page"),
+    ("root", "/", "application/json", "This page"),
     ("service-desc", "/openapi.json", "application/vnd.oai.openapi+json;version=3.0", "OpenAPI"),
     ("service-doc", "/docs", "text/html", "API documentation (Swagger UI)"),
     ("service-doc", "/redoc", "text/html", "API documentation (ReDoc)"),
     ("conformance", "/conformance", "application/json", "Conformance classes"),
     ("data", "/collections", "application/json", "Collections"),
+    ("search", "/search", "application/geo+json", "STAC item search"),
+    (
+        "http://www.opengis.net/def/rel/ogc/1.0/queryables",
+        "/queryables",
+        "application/schema+json",
+        "Queryables (filter properties)",
+    ),
     (
         "http://www.opengis.net/def/rel/ogc/1.0/tiling-schemes",
         "/tileMatrixSets",
@@ -62,6 +75,10 @@ async def landing(request: Request) -> Response:
         {"rel": rel, "href": base + path, "type": kind, "title": title}
         for rel, path, kind, title in LINKS
     ]
+    for link in links:  # STAC API: search is GET and POST, one link each
+        if link["rel"] == "search":
+            link["method"] = "GET"
+    links.append({**next(x for x in links if x["rel"] == "search"), "method": "POST"})
     if "text/html" in request.headers.get("accept", "") and "json" not in request.query_params.get(
         "f", ""
     ):
@@ -79,8 +96,12 @@ async def landing(request: Request) -> Response:
         return HTMLResponse(page)
     return JSONResponse(
         {
+            "type": "Catalog",
+            "stac_version": STAC_VERSION,
+            "id": "terrazzo",
             "title": request.app.title,
             "description": request.app.summary,
+            "conformsTo": CONFORMANCE,
             "links": links,
         }
     )

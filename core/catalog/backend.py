@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from core.catalog.query import Item, SearchQuery, SearchResult
+from core.catalog.stac import StacPage
 
 
 class CatalogBackend(Protocol):
@@ -43,6 +44,10 @@ class CatalogBackend(Protocol):
     async def report_async(self) -> str: ...
     async def collections_async(self) -> list[dict[str, Any]]: ...
     async def footprints_async(self, query: SearchQuery) -> tuple[list[dict[str, Any]], int]: ...
+    # full STAC Items for the STAC API, keyset-paged: `after` is a previous page's next_key
+    async def stac_page_async(
+        self, query: SearchQuery, limit: int, after: list[Any] | None = None
+    ) -> StacPage: ...
     async def resolution_stats_async(
         self, assets: Sequence[str] = (), collections: Sequence[str] = ()
     ) -> dict[str, Any] | None: ...

@@ -11,6 +11,7 @@ from typing import Any
 from core.catalog import sources
 from core.catalog.browse import Browsing
 from core.catalog.search import Searching
+from core.catalog.stac import StacItems
 
 
 def default_cache() -> Path:
@@ -23,7 +24,7 @@ def default_cache() -> Path:
     return Path(base) / "terrazzo"
 
 
-class Catalog(Searching, Browsing):
+class Catalog(Searching, Browsing, StacItems):
     """A STAC-GeoParquet catalog (a file, a directory or glob of partitions, or an object
     store URL) opened for concurrent searches."""
 

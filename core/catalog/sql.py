@@ -86,9 +86,10 @@ def where(query: SearchQuery, columns: dict[str, str]) -> tuple[str, list[Any]]:
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
-def order_by(sortby: Sequence[str], columns: dict[str, str]) -> str:
-    """ORDER BY terms for STAC `sortby` fields, ending with `id` (a total order: the same
-    tile is always mosaicked the same way)."""
+def sort_terms(sortby: Sequence[str], columns: dict[str, str]) -> list[tuple[str, bool, str]]:
+    """(SQL expression, descending, DuckDB type) per STAC `sortby` field, ending with `id`
+    ascending (a total order: the same tile is always mosaicked the same way, and a STAC
+    page's last row is a key the next page can start after)."""
     terms = []
     for key in sortby:
         key = key.strip()
@@ -100,10 +101,20 @@ def order_by(sortby: Sequence[str], columns: dict[str, str]) -> str:
             raise SearchError(f"sortby: unknown field {name!r}; sortable fields: {sorted(columns)}")
         # an item without a datetime is ordered by its start_datetime, the time it is
         # labelled with (as pgstac orders): the newest range on top, not the oldest id
-        column = datetime_expr(columns) if name == "datetime" else quote(name)
-        terms.append(f"{column} {'DESC' if descending else 'ASC'} NULLS LAST")
-    terms.append("id ASC")
-    return ", ".join(terms)
+        if name == "datetime":
+            terms.append((datetime_expr(columns), descending, "TIMESTAMPTZ"))
+        else:
+            terms.append((quote(name), descending, columns[name]))
+    terms.append(("id", False, "VARCHAR"))
+    return terms
+
+
+def order_by(sortby: Sequence[str], columns: dict[str, str]) -> str:
+    """ORDER BY terms for STAC `sortby` fields (see `sort_terms`), NULLS LAST."""
+    return ", ".join(
+        f"{expr} {'DESC' if descending else 'ASC'} NULLS LAST"
+        for expr, descending, _ in sort_terms(sortby, columns)
+    )
 
 
 def visible(columns: dict[str, str]) -> dict[str, str]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from app.observe import reject
 from core.settings import Settings
 
 # Exact paths (never prefixes: `/docs/tilejson.json` must not pass as `/docs`). The viewer's
@@ -34,6 +35,9 @@ OPEN_PATHS = frozenset(
     }
 )
 OPEN_PREFIXES = ("/static/",)  # a mounted StaticFiles app: it serves files, never data routes
+# Keyed like data routes but outside the in-flight cap: a scrape must answer during the very
+# overload it is there to show (it only reads counters).
+UNCAPPED_PATHS = frozenset({"/metrics"})
 MAX_JSON_DEPTH = 64  # nesting of a JSON body; Python's parser itself gives up near 1,000
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # unrolled: linear, no backtracking
 
@@ -49,7 +53,16 @@ def json_depth(body: bytes) -> int:
     return int(np.cumsum(step).max(initial=0))
 
 
-async def _reply(send: Any, status: int, detail: str, headers: dict[str, str] | None = None):
+async def _reply(
+    scope: dict,
+    send: Any,
+    reason: str,
+    status: int,
+    detail: str,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Refuse the request; `reason` (one of a few fixed words) labels it in the metrics."""
+    reject(scope, reason)
     body = json.dumps({"detail": detail}).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
@@ -64,7 +77,9 @@ class Guard:
     Retry-After).
 
     A body is read whole (it is bounded) *before* the request counts as in flight: clients
-    trickling bytes must not hold the slots that real work needs.
+    trickling bytes must not hold the slots that real work needs. Each refusal names its
+    reason on the request's observer note (`rejected` in the metrics); /metrics is keyed but
+    never counted in flight.
     """
 
     def __init__(self, app: Any, settings: Settings) -> None:
@@ -84,7 +99,9 @@ class Guard:
         headers = dict(scope["headers"])
         if s.api_key and not _key_matches(headers, s.api_key, scope.get("query_string", b"")):
             await _reply(
+                scope,
                 send,
+                "auth",
                 401,
                 "missing or wrong API key: send it as X-API-Key (or ?access_token=)",
                 {"WWW-Authenticate": "Bearer"},
@@ -92,7 +109,9 @@ class Guard:
             return
         if len(scope.get("query_string", b"")) > s.max_query_bytes:
             await _reply(
+                scope,
                 send,
+                "query_too_long",
                 414,
                 f"query string over {s.max_query_bytes} bytes "
                 "(TERRAZZO_MAX_QUERY_BYTES); send fewer parameters or use POST /chunks",
@@ -101,11 +120,16 @@ class Guard:
         if scope["method"] in ("POST", "PUT", "PATCH"):
             refusal, receive = await self._read_body(headers, receive)
             if refusal is not None:
-                await _reply(send, *refusal)
+                await _reply(scope, send, *refusal)
                 return
+        if path in UNCAPPED_PATHS:
+            await self.app(scope, receive, send)
+            return
         if self.inflight >= s.max_inflight:
             await _reply(
+                scope,
                 send,
+                "overload",
                 503,
                 f"busy: {self.inflight} requests in progress "
                 f"(TERRAZZO_MAX_INFLIGHT); retry shortly",
@@ -120,23 +144,26 @@ class Guard:
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Any) -> tuple[Any, Any]:
         """Read the whole body within `body_timeout_s` and the size limit; check it is JSON of
-        bounded depth. Returns (refusal or None, a receive that replays the body)."""
+        bounded depth. Returns (refusal as (reason, status, detail) or None, a receive that
+        replays the body)."""
         s = self.settings
         media = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         if media != b"application/json":
             shown = media.decode("latin-1") or "none"
             return (
+                "media_type",
                 415,
                 f"send the body as JSON with Content-Type: application/json (got {shown})",
             ), receive
         too_large = (
+            "too_large",
             413,
             f"request body over {s.max_body_bytes} bytes (TERRAZZO_MAX_BODY_BYTES); "
             "split the request",
         )
         length = headers.get(b"content-length", b"0")
         if not length.isdigit():
-            return (400, "Content-Length is not a number"), receive
+            return ("bad_length", 400, "Content-Length is not a number"), receive
         if int(length) > s.max_body_bytes:
             return too_large, receive
         parts: list[bytes] = []
@@ -146,7 +173,11 @@ class Guard:
                 while True:
                     message = await receive()
                     if message["type"] == "http.disconnect":
-                        return (400, "the client went away before sending the body"), receive
+                        return (
+                            "client_gone",
+                            400,
+                            "the client went away before sending the body",
+                        ), receive
                     parts.append(message.get("body", b""))
                     size += len(parts[-1])
                     if size > s.max_body_bytes:
@@ -155,6 +186,7 @@ class Guard:
                         break
         except TimeoutError:
             return (
+                "body_timeout",
                 408,
                 f"the request body did not arrive within {s.body_timeout_s} s "
                 "(TERRAZZO_BODY_TIMEOUT_S)",
@@ -162,6 +194,7 @@ class Guard:
         body = b"".join(parts)
         if json_depth(body) > MAX_JSON_DEPTH:
             return (
+                "too_deep",
                 400,
                 f"JSON body nested deeper than {MAX_JSON_DEPTH} levels; flatten it",
             ), receive

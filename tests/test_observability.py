@@ -29,14 +29,16 @@ def scrape(http: httpx.Client) -> dict[tuple[str, tuple], float]:
 def test_metrics_count_requests_stages_caches_and_loop_lag(http: httpx.Client) -> None:
     before = scrape(http)
     route = ("route", "/tiles/{z}/{x}/{y}")
-    ok = (("method", "GET"), route, ("status", "200"))
+    passed = ("rejected", "")  # let through by the request guard
+    ok = (("method", "GET"), passed, route, ("status", "200"))
     assert http.get(f"/tiles/{T}", params={"tilesize": 200}).status_code == 200
     assert http.get("/tiles/99/0/0").status_code == 404
     after = scrape(http)
     count = ("terrazzo_requests_total", ok)
     assert after[count] == before.get(count, 0) + 1
-    assert after[("terrazzo_requests_total", (("method", "GET"), route, ("status", "404")))] >= 1
-    assert after[("terrazzo_request_duration_seconds_count", (route,))] >= 2
+    not_found = (("method", "GET"), passed, route, ("status", "404"))
+    assert after[("terrazzo_requests_total", not_found)] >= 1
+    assert after[("terrazzo_request_duration_seconds_count", (passed, route))] >= 2
     for stage in ("search", "headers", "fetch", "warp", "encode"):
         key = ("terrazzo_stage_duration_seconds_count", (("stage", stage),))
         assert after[key] == before.get(key, 0) + 1, stage

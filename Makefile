@@ -33,7 +33,9 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 # System tools the tests drive, from Debian's packages: Chromium for the viewer (playwright uses
-# the system browser, no download), docker-compose and nginx to parse the deployment files.
+# the system browser, no download), docker-compose and nginx to parse the deployment files,
+# promtool to lint /metrics (Debian's prometheus package, without the node exporter daemon it
+# recommends: the server is never started).
 TOOLS := chromium docker-compose nginx
 tools:
 	@missing=$$(for t in $(TOOLS); do command -v $$t >/dev/null 2>&1 || echo $$t; done); \
@@ -42,6 +44,12 @@ tools:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs; \
 	  else echo "the tests need: sudo apt-get install $$pkgs" >&2; fi; fi
+	@if ! command -v promtool >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends prometheus; \
+	  else echo "the tests need: sudo apt-get install --no-install-recommends prometheus" >&2; \
+	  fi; fi
 
 test: lint tools
 	$(BIN)/pytest -q

@@ -1,14 +1,23 @@
 /* Terrazzo map viewer.
  *
- * The mosaic is a MapLibre raster source built from /tilejson.json with the current
- * parameters (so the tile URLs are the server's own template); item outlines come from
- * /items?bbox=<view>; clicking asks /point/{lon},{lat} for every covering item's pixel values.
- * Tiles are fetched through a MapLibre protocol ("terrazzo://"), so the page reads each tile's
- * X-Terrazzo-Truncated / X-Terrazzo-Errors headers: incomplete tiles in view are outlined (red
- * dashed and hatched: items left out by a search limit; orange: an item could not be read) and
- * counted in #tile-status. Complete tiles are never marked.
+ * The mosaic is a MapLibre raster source over this service's tile route, with the zoom range
+ * and bounds of /tilejson.json for the current parameters (asked first: a combination the
+ * server refuses is reported with its own message instead of a blank map).
+ * The view (center, zoom, collections, datetime, assets, bidx, method, rescale, colormap_name)
+ * lives in the URL's fragment: a shared link reopens the same view, and editing the fragment
+ * or going back/forward changes the view. The parameter names are the tile route's own.
+ * Item outlines come from /items?bbox=<view>; clicking asks /point/{lon},{lat} for every
+ * covering item's pixel values. Tiles are fetched through a MapLibre protocol ("terrazzo://"),
+ * so the page reads each tile's status and headers: a failing tile's JSON `detail` is shown
+ * over the map; incomplete tiles in view are outlined (red dashed and hatched: items left out
+ * by a search limit; orange: an item could not be read) and counted in #tile-status.
+ * The legend draws the colormap from /map/colormaps/{name} (rio-tiler's table, as the tiles
+ * use it) with the rescale range as labels; for method=count it says what the values count.
+ * A float or 16-bit asset gets a default rescale: from the catalog's raster:bands statistics
+ * when it has them, else the 2nd-98th percentile of one .npy tile of the view.
  * Plain script, no build step: MapLibre is vendored under static/vendor/.
- * Every URL is relative to the page, so the viewer also works under a proxy's path prefix.
+ * Every URL is relative to the page (no leading "/"), so the viewer also works under a
+ * proxy's path prefix.
  */
 "use strict";
 
@@ -18,6 +27,8 @@ const state = {
   assets: {}, // asset name -> item_assets entry (type, roles, raster:bands…)
   dates: [],
   ranges: {}, // "asset|datetime|collection" -> [lo, hi] sampled from a tile
+  colormapNames: [], // what colormap_name accepts (/map/colormaps)
+  colormaps: {}, // name -> 256 colours, fetched for the legend
   idle: false,
   tileUrls: [],
   pointSeq: 0,
@@ -28,19 +39,30 @@ const state = {
   tileGen: 0, // bumped by every parameter change; late responses of older ones are dropped
   tileZoom: null, // the zoom of the tiles MapLibre draws now (null: below the minzoom)
   incomplete: [], // the marks drawn (in view, at tileZoom), for the status line and the tests
+  tileErrors: [], // failed tiles of the current parameters: {url, status, detail}
+  sourceParams: null, // the tile query the mosaic source was built with
+  hash: null, // the fragment this page wrote last (a different one was edited by the user)
+  autoBidx: false, // bidx was set by the page (count of a multi-band asset), not the user
 };
 window.terrazzo = state; // for the console and the browser tests
 
 const $ = (id) => document.getElementById(id);
 
 // A service started with TERRAZZO_API_KEY wants the key on every data request: open the page
-// as /map#key=KEY (a fragment is never sent to a server nor logged); it is kept for the tab.
-const hashKey = new URLSearchParams(location.hash.slice(1)).get("key");
-if (hashKey) sessionStorage.setItem("terrazzo-key", hashKey);
-const apiKey = sessionStorage.getItem("terrazzo-key");
-const keyHeaders = apiKey ? { "X-API-Key": apiKey } : {};
+// as /map#key=KEY (a fragment is never sent to a server nor logged); it is kept for the tab
+// and taken out of the fragment, so a shared view link never carries it.
+let keyHeaders = {};
+function takeKey() {
+  const key = new URLSearchParams(location.hash.slice(1)).get("key");
+  if (key) sessionStorage.setItem("terrazzo-key", key);
+  const stored = sessionStorage.getItem("terrazzo-key");
+  keyHeaders = stored ? { "X-API-Key": stored } : {};
+  return Boolean(key);
+}
+takeKey();
 const authFetch = (url) => fetch(url, { headers: keyHeaders });
 const api = (path, params) => {
+  // `path` is relative ("tilejson.json"): resolved against the page, prefix included
   const url = new URL(path, document.baseURI);
   if (params && [...params].length) url.search = params.toString();
   return url.toString();
@@ -52,19 +74,36 @@ function setStatus(text, error = false) {
   status.classList.toggle("error", error);
 }
 
-async function getJSON(url) {
-  const response = await authFetch(url);
+function showMessage(text) {
+  // errors over the map: visible with the controls collapsed (a phone), cleared by a change
+  const box = $("message");
+  box.textContent = text || "";
+  box.hidden = !text;
+}
+
+async function errorDetail(response) {
+  // the server's JSON {"detail": ...}, else the status line
   let body = null;
   try {
-    body = await response.json();
+    body = await response.clone().json();
   } catch (_) {
-    /* not JSON */
+    /* not JSON (a proxy's error page) */
   }
+  if (response.status === 401) return "this service needs an API key: open map#key=YOUR_KEY";
+  const detail = body && body.detail;
+  if (typeof detail === "string") return detail;
+  if (detail) return JSON.stringify(detail);
+  return `${response.status} ${response.statusText}`.trim();
+}
+
+async function getJSON(url) {
+  const response = await authFetch(url);
   if (!response.ok) {
-    if (response.status === 401) throw new Error("this service needs an API key: open /map#key=YOUR_KEY");
-    throw new Error((body && body.detail) || `${response.status} ${response.statusText}`);
+    const error = new Error(await errorDetail(response));
+    error.status = response.status;
+    throw error;
   }
-  return body;
+  return response.json();
 }
 
 /* -- parameters ------------------------------------------------------------------------- */
@@ -80,6 +119,7 @@ function searchParams() {
 
 function tileParams() {
   const params = searchParams();
+  if ($("bidx").value) params.set("bidx", $("bidx").value);
   params.set("method", $("method").value);
   const rescale = $("rescale").value.trim();
   if (rescale) params.set("rescale", rescale);
@@ -90,7 +130,18 @@ function tileParams() {
 function assetInfo(name) {
   const bands = (state.assets[name] || {})["raster:bands"] || [];
   const first = bands[0] || {};
-  return { bands: bands.length || null, dtype: first.data_type || null, stats: first.statistics };
+  return {
+    bands: bands.length || null,
+    names: bands.map((b, i) => b.name || b.common_name || b.description || `band ${i + 1}`),
+    dtype: first.data_type || null,
+    stats: first.statistics,
+  };
+}
+
+function outputBands() {
+  // bands of the tiles the current parameters make (null: unknown)
+  if ($("bidx").value) return $("bidx").value.split(",").length;
+  return assetInfo($("asset").value).bands;
 }
 
 const fmt = (v) => (Number.isInteger(v) ? String(v) : String(Number(v.toPrecision(5))));
@@ -155,6 +206,7 @@ async function sampleRange(asset) {
   const key = `${asset}|${$("date").value}|${$("collection").value}`;
   if (state.ranges[key]) return state.ranges[key];
   const tj = state.tilejson;
+  if (!tj) return null;
   const places = [];
   if (state.map) {
     const c = state.map.getCenter();
@@ -179,11 +231,38 @@ async function sampleRange(asset) {
   return null;
 }
 
+function fillBands() {
+  // a band picker for multi-band assets: all bands, or one (which a colormap can colour)
+  const info = assetInfo($("asset").value);
+  const select = $("bidx");
+  const keep = select.value;
+  select.replaceChildren(new Option("all", ""));
+  if (info.bands > 1) info.names.forEach((name, i) => select.append(new Option(`${i + 1}: ${name}`, String(i + 1))));
+  select.value = [...select.options].some((o) => o.value === keep) ? keep : "";
+  $("bidx-label").hidden = !(info.bands > 1);
+}
+
+function checkColormap() {
+  // a colormap colours one band: offered only when the output has one
+  const bands = outputBands();
+  const one = bands === null || bands === 1;
+  $("colormap").disabled = !one;
+  if (!one) $("colormap").value = "";
+  $("colormap-hint").textContent = one ? "" : "one band only: pick a band";
+}
+
 async function applyDefaults() {
   // a rescale (and a colormap for one band) the chosen asset and method need to render
   const asset = $("asset").value;
   const method = $("method").value;
   const info = assetInfo(asset);
+  if (method === "count" && info.bands > 1 && !$("bidx").value) {
+    $("bidx").value = "1"; // every band counts the same items; one band takes a colormap
+    state.autoBidx = true;
+  } else if (method !== "count" && state.autoBidx) {
+    $("bidx").value = "";
+    state.autoBidx = false;
+  }
   const eightBit = !info.dtype || info.dtype === "uint8" || info.dtype === "int8";
   let rescale = "";
   if (method === "count") {
@@ -202,10 +281,90 @@ async function applyDefaults() {
   }
   $("rescale").value = rescale;
   let colormap = "";
-  if (info.bands === 1 && rescale) {
+  if (outputBands() === 1 && rescale) {
     colormap = /dem|dtm|dsm|elev|height/i.test(asset) ? "terrain" : "viridis";
+    if (!state.colormapNames.includes(colormap)) colormap = "";
   }
   $("colormap").value = colormap;
+  checkColormap();
+}
+
+/* -- the legend ------------------------------------------------------------------------- */
+
+async function colormapColours(name) {
+  if (!state.colormaps[name]) state.colormaps[name] = (await getJSON(api(`map/colormaps/${encodeURIComponent(name)}`))).colors;
+  return state.colormaps[name];
+}
+
+const GRAY = Array.from({ length: 256 }, (_, i) => `#${i.toString(16).padStart(2, "0").repeat(3)}`);
+
+function rescaleRange() {
+  const parts = $("rescale").value.split(",").map((s) => Number(s.trim()));
+  return parts.length >= 2 && parts.slice(0, 2).every(Number.isFinite) ? parts.slice(0, 2) : null;
+}
+
+let legendSeq = 0;
+async function renderLegend() {
+  // one output band: its colours (the colormap, else gray) and the values at both ends
+  const seq = ++legendSeq;
+  const legend = $("legend");
+  const method = $("method").value;
+  const name = $("colormap").value;
+  const bands = outputBands();
+  if (bands !== 1 || state.tileErrors.length || state.tilejsonError) {
+    legend.hidden = true;
+    legend.dataset.colormap = "";
+    return;
+  }
+  let colours = GRAY;
+  try {
+    if (name) colours = await colormapColours(name);
+  } catch (err) {
+    if (seq === legendSeq) showMessage(`legend: ${err.message}`);
+    return;
+  }
+  if (seq !== legendSeq) return;
+  const info = assetInfo($("asset").value);
+  const range = rescaleRange();
+  const [lo, hi] = range || (method === "count" ? [0, 255] : [0, info.dtype === "uint16" ? 65535 : 255]);
+  const band = $("bidx").value ? ` band ${$("bidx").value}` : "";
+  let title = `${$("asset").value}${band}`;
+  let note = "";
+  const steps = $("legend-steps");
+  steps.replaceChildren();
+  const colourOf = (v) => colours[Math.max(0, Math.min(255, Math.floor(((v - lo) / (hi - lo || 1)) * 255)))];
+  if (method === "count") {
+    title = "count: items with data at each pixel";
+    note = `the number of items (of these filters) with a valid pixel there${range ? `; ${fmt(hi)} or more at the top` : ""}`;
+    if (Number.isInteger(lo) && Number.isInteger(hi) && hi > lo && hi - lo <= 12) {
+      for (let k = Math.max(1, lo); k <= hi; k++) {
+        const step = document.createElement("span");
+        step.textContent = k === hi ? `${k}+` : String(k);
+        step.style.backgroundImage = `linear-gradient(${colourOf(k)}, ${colourOf(k)})`;
+        step.dataset.colour = colourOf(k);
+        steps.append(step);
+      }
+    }
+  } else {
+    title += name ? ` · ${name}` : " · gray";
+    if (method !== "first") title += ` · ${method}`;
+    if (!range) note = "no rescale: the band's values as they are";
+  }
+  const bar = $("legend-bar");
+  const ctx = bar.getContext("2d");
+  colours.forEach((c, i) => {
+    ctx.fillStyle = c;
+    ctx.clearRect(i, 0, 1, 1);
+    ctx.fillRect(i, 0, 1, 1);
+  });
+  bar.hidden = steps.childElementCount > 0;
+  $("legend-title").textContent = title;
+  $("legend-min").textContent = fmt(lo);
+  $("legend-max").textContent = fmt(hi);
+  $("legend-labels").hidden = steps.childElementCount > 0;
+  $("legend-note").textContent = note;
+  legend.dataset.colormap = name || "gray";
+  legend.hidden = false;
 }
 
 /* -- incomplete tiles: read each tile's headers ---------------------------------------- */
@@ -223,19 +382,28 @@ async function fetchTile(params, abortController) {
   const url = params.url.slice(PROTOCOL.length + 3);
   const gen = state.tileGen;
   const response = await fetch(url, { headers: keyHeaders, signal: abortController.signal });
-  const data = await response.arrayBuffer();
   if (gen === state.tileGen) noteTile(url, response.headers);
   if (!response.ok) {
+    const detail = await errorDetail(response);
+    if (gen === state.tileGen) noteTileError(url, response.status, detail);
     const error = new Error(`AJAXError: ${response.statusText} (${response.status}): ${url}`);
     Object.assign(error, { status: response.status, statusText: response.statusText, url });
-    error.body = new Blob([data]);
     throw error;
   }
   return {
-    data,
+    data: await response.arrayBuffer(),
     cacheControl: response.headers.get("Cache-Control"),
     expires: response.headers.get("Expires"),
   };
+}
+
+function noteTileError(url, status, detail) {
+  state.tileErrors.push({ url, status, detail });
+  const count = state.tileErrors.length;
+  const tiles = count === 1 ? "A tile" : `${count} tiles`;
+  showMessage(`${tiles} failed (${status}): ${detail}`);
+  setStatus(`tile: ${detail}`, true);
+  $("legend").hidden = true;
 }
 
 function noteTile(url, headers) {
@@ -367,8 +535,6 @@ function addMarkLayers(map) {
   });
 }
 
-/* -- the map ---------------------------------------------------------------------------- */
-
 function viewBbox() {
   const b = state.map.getBounds();
   const clamp = (v, lim) => Math.max(-lim, Math.min(lim, v));
@@ -411,27 +577,6 @@ function showReadyStatus() {
   const z = state.map.getZoom().toFixed(1);
   const native = state.map.getZoom() > state.tilejson.maxzoom + 0.5 ? " (past native, upsampled)" : "";
   setStatus(`${state.footprintStatus || ""} · zoom ${z}${native}`);
-}
-
-async function update() {
-  // any control changed: validate through /tilejson.json, then point the source at it
-  const params = tileParams();
-  history.replaceState(null, "", `?${params}`);
-  const url = api("tilejson.json", params);
-  $("tilejson-link").href = url;
-  $("wmts-link").href = api("WMTSCapabilities.xml", params);
-  try {
-    state.tilejson = await getJSON(url);
-  } catch (err) {
-    setStatus(err.message, true);
-    return;
-  }
-  state.idle = false;
-  state.tileGen += 1; // the marks were for the old parameters
-  state.tileMarks.clear();
-  drawMarks();
-  state.map.getSource("mosaic").setUrl(url);
-  refreshFootprints();
 }
 
 function renderInspect(body) {
@@ -502,7 +647,75 @@ async function inspect(lngLat) {
   }
 }
 
-function createMap(bounds) {
+function tileTemplate(params) {
+  // relative to the page (the braces must stay literal, so not through new URL)
+  const base = new URL(".", document.baseURI).href;
+  return `${base}tiles/WebMercatorQuad/{z}/{x}/{y}?${params}`;
+}
+
+function setMosaic(params, tj) {
+  // (re)build the raster source: its zoom range and bounds follow the TileJSON
+  const map = state.map;
+  if (map.getLayer("mosaic")) map.removeLayer("mosaic");
+  if (map.getSource("mosaic")) map.removeSource("mosaic");
+  state.sourceParams = params ? params.toString() : null;
+  if (!params) return;
+  map.addSource("mosaic", {
+    type: "raster",
+    tiles: [tileTemplate(params)],
+    tileSize: 256,
+    minzoom: tj.minzoom,
+    maxzoom: tj.maxzoom,
+    bounds: tj.bounds,
+  });
+  const before = map.getLayer("footprints") ? "footprints" : undefined;
+  map.addLayer({ id: "mosaic", type: "raster", source: "mosaic", paint: { "raster-fade-duration": 0 } }, before);
+}
+
+let updateSeq = 0;
+async function update({ push = false, force = false } = {}) {
+  // the parameters changed: validate them through /tilejson.json, then draw with them
+  checkColormap();
+  const params = tileParams();
+  writeHash(push);
+  const url = api("tilejson.json", params);
+  $("tilejson-link").href = url;
+  $("wmts-link").href = api("WMTSCapabilities.xml", params);
+  if (!force && params.toString() === state.sourceParams && !state.tilejsonError) {
+    renderLegend();
+    return;
+  }
+  const seq = ++updateSeq;
+  state.idle = false;
+  state.tileGen += 1; // the marks and errors were for the old parameters
+  state.tileMarks.clear();
+  state.tileErrors = [];
+  showMessage("");
+  let tj;
+  try {
+    tj = await getJSON(url);
+  } catch (err) {
+    if (seq !== updateSeq) return;
+    // refused (400 for a combination every tile would refuse, 401, 404…): say why, draw nothing
+    state.tilejsonError = err.message;
+    showMessage(`The server refused these parameters: ${err.message}`);
+    setStatus(err.message, true);
+    if (state.map) setMosaic(null);
+    $("legend").hidden = true;
+    state.idle = true;
+    return;
+  }
+  if (seq !== updateSeq) return;
+  state.tilejsonError = null;
+  state.tilejson = tj;
+  if (!state.map) return;
+  drawMarks();
+  setMosaic(params, tj);
+  renderLegend();
+  refreshFootprints();
+}
+
+function createMap(view) {
   maplibregl.addProtocol(PROTOCOL, fetchTile);
   const map = new maplibregl.Map({
     container: "map",
@@ -511,13 +724,13 @@ function createMap(bounds) {
       sources: {},
       layers: [{ id: "background", type: "background", paint: { "background-color": "#dde3e8" } }],
     },
-    bounds,
+    ...view,
     fitBoundsOptions: { padding: 24 },
     attributionControl: false,
     transformRequest: (url, type) => {
       if (type !== "Tile") return { url, headers: keyHeaders };
       state.tileUrls.push(url);
-      return { url: `${PROTOCOL}://${url}` }; // fetchTile reads its headers
+      return { url: `${PROTOCOL}://${url}` }; // fetchTile reads its status and headers
     },
   });
   state.map = map;
@@ -525,8 +738,6 @@ function createMap(bounds) {
   map.addControl(new maplibregl.NavigationControl({ showCompass: false }), "top-right");
   map.addControl(new maplibregl.ScaleControl(), "bottom-right");
   map.on("load", () => {
-    map.addSource("mosaic", { type: "raster", url: api("tilejson.json", tileParams()), tileSize: 256 });
-    map.addLayer({ id: "mosaic", type: "raster", source: "mosaic", paint: { "raster-fade-duration": 0 } });
     map.addSource("footprints", { type: "geojson", data: { type: "FeatureCollection", features: [] } });
     map.addLayer({
       id: "footprints", type: "line", source: "footprints",
@@ -538,69 +749,172 @@ function createMap(bounds) {
       paint: { "line-color": "#d7263d", "line-width": 2.5 },
     });
     addMarkLayers(map);
+    if (state.tilejson && !state.tilejsonError) setMosaic(tileParams(), state.tilejson);
+    renderLegend();
     refreshFootprints();
+    writeHash(false);
   });
   map.on("moveend", refreshFootprints);
   map.on("moveend", refreshMarks);
+  map.on("moveend", () => writeHash(false));
   map.on("idle", () => {
     state.idle = true;
     drawMarks();
-    showReadyStatus();
+    if (!state.tileErrors.length && !state.tilejsonError) showReadyStatus();
   });
   map.on("dataloading", (e) => {
     if (e.sourceId === "mosaic") state.idle = false;
   });
-  map.on("error", async (e) => {
-    if (e.sourceId !== "mosaic" || !e.error) return;
-    let detail = e.error.message;
-    try {
-      detail = JSON.parse(await e.error.body.text()).detail || detail;
-    } catch (_) {
-      /* keep the message */
-    }
-    setStatus(`tile: ${detail}`, true);
+  map.on("error", (e) => {
+    // tile failures are reported by fetchTile with the server's detail; anything else here
+    if (e.sourceId !== "mosaic" || !e.error || state.tileErrors.length) return;
+    if (e.error.name === "AbortError") return;
+    showMessage(`tiles: ${e.error.message}`);
   });
   map.on("click", (e) => inspect(e.lngLat));
 }
 
-function fillSelect(select, values, selected) {
-  for (const value of values) {
-    const option = document.createElement("option");
-    option.value = option.textContent = value;
-    select.append(option);
+/* -- the view in the URL's fragment ----------------------------------------------------- */
+
+const VIEW_KEYS = ["collections", "datetime", "assets", "bidx", "method", "rescale", "colormap_name"];
+const readable = (v) => encodeURIComponent(v).replace(/%2C/g, ",").replace(/%2F/g, "/").replace(/%3A/g, ":");
+
+function hashString() {
+  const parts = [];
+  if (state.map) {
+    const c = state.map.getCenter().wrap();
+    const z = state.map.getZoom();
+    // enough decimals for a tenth of a pixel at this zoom
+    const d = Math.max(1, Math.min(8, Math.ceil(Math.log10((256 * 2 ** z) / 360)) + 1));
+    parts.push(`center=${c.lng.toFixed(d)},${c.lat.toFixed(d)}`, `zoom=${z.toFixed(2)}`);
   }
-  if (selected !== undefined && values.includes(selected)) select.value = selected;
+  for (const [k, v] of tileParams()) parts.push(`${k}=${readable(v)}`);
+  return parts.join("&");
 }
 
-async function init() {
-  const [catalog, info] = await Promise.all([getJSON(api("collections")), getJSON(api("info"))]);
-  const collections = catalog.collections;
-  const wanted = new URLSearchParams(location.search);
-  for (const c of collections) Object.assign(state.assets, c.item_assets);
-  state.dates = [...new Set(collections.flatMap((c) => c.dates))].sort().reverse();
-  fillSelect($("collection"), collections.map((c) => c.id).filter((id) => id !== null), wanted.get("collections"));
-  fillSelect($("date"), state.dates, wanted.get("datetime"));
-  const names = Object.keys(state.assets);
-  fillSelect($("asset"), names, wanted.get("assets") || (info.default_assets || [])[0] || names[0]);
-  if (wanted.get("method")) $("method").value = wanted.get("method");
-  const ids = collections.map((c) => c.id);
-  if (collections.length < 2 && ids[0] !== undefined) $("collection").closest("label").style.display = "none";
+function writeHash(push) {
+  const hash = hashString();
+  if (hash === state.hash) return;
+  state.hash = hash;
+  const url = new URL(location.href);
+  url.search = ""; // an old ?query link becomes a #fragment one
+  url.hash = hash;
+  history[push ? "pushState" : "replaceState"](null, "", url.href);
+}
 
-  state.tilejson = await getJSON(api("tilejson.json", searchParams()));
+function wantedView() {
+  // the fragment's view, else (older links) the query string's
+  const hash = new URLSearchParams(location.hash.slice(1));
+  hash.delete("key");
+  const wanted = [...hash.keys()].length ? hash : new URLSearchParams(location.search);
+  const view = {};
+  const center = (wanted.get("center") || "").split(",").map(Number);
+  const zoom = Number(wanted.get("zoom"));
+  if (center.length === 2 && center.every(Number.isFinite)) view.center = center;
+  if (wanted.get("zoom") !== null && Number.isFinite(zoom)) view.zoom = zoom;
+  return { params: wanted, view };
+}
+
+function pick(select, value) {
+  // a value the select offers, else its first option
+  select.value = [...select.options].some((o) => o.value === value) ? value : select.options[0].value;
+}
+
+async function setControls(wanted) {
+  // the controls from a fragment (missing keys: the defaults); then only what is valid
+  pick($("collection"), wanted.get("collections") || "");
+  pick($("date"), wanted.get("datetime") || "");
+  pick($("asset"), wanted.get("assets") || state.defaultAsset);
+  fillBands();
+  pick($("bidx"), wanted.get("bidx") || "");
+  state.autoBidx = false;
+  pick($("method"), wanted.get("method") || "first");
   if (wanted.has("rescale") || wanted.has("colormap_name")) {
     $("rescale").value = wanted.get("rescale") || "";
-    $("colormap").value = wanted.get("colormap_name") || "";
+    pick($("colormap"), wanted.get("colormap_name") || "");
+    checkColormap();
   } else {
     await applyDefaults();
   }
-  const [west, south, east, north] = info.bbox || state.tilejson.bounds;
-  createMap([[west, south], [east, north]]);
-
-  $("asset").addEventListener("change", async () => { await applyDefaults(); update(); });
-  $("method").addEventListener("change", async () => { await applyDefaults(); update(); });
-  for (const id of ["date", "collection"]) $(id).addEventListener("change", update);
-  for (const id of ["rescale", "colormap"]) $(id).addEventListener("change", update);
-  $("footprints").addEventListener("change", refreshFootprints);
 }
 
-init().catch((err) => setStatus(`could not load the catalog: ${err.message}`, true));
+async function onHashChange() {
+  if (takeKey()) {
+    if (!state.map) return start(); // the key the first load lacked
+  }
+  const hash = location.hash.slice(1);
+  if (hash === state.hash || !state.map) return;
+  const { params, view } = wantedView();
+  state.hash = hash; // what is on screen now; update() writes its canonical form
+  await setControls(params);
+  if (view.center || view.zoom !== undefined) state.map.jumpTo(view);
+  update({ push: false });
+}
+
+/* -- the layout: controls beside the map, or a drawer over it on a phone ---------------- */
+
+function setPanel(open) {
+  document.body.classList.toggle("collapsed", !open);
+  const toggle = $("panel-toggle");
+  toggle.setAttribute("aria-expanded", String(open));
+  toggle.textContent = open ? (matchMedia("(max-width: 700px)").matches ? "Map" : "Hide controls") : "Controls";
+  if (state.map) state.map.resize();
+}
+
+/* -- start ------------------------------------------------------------------------------ */
+
+function fillSelect(select, values) {
+  for (const value of values) select.append(new Option(value, value));
+}
+
+async function start() {
+  const [catalog, info, colormaps] = await Promise.all([
+    getJSON(api("collections")),
+    getJSON(api("info")),
+    getJSON(api("map/colormaps")),
+  ]);
+  const collections = catalog.collections;
+  for (const c of collections) Object.assign(state.assets, c.item_assets);
+  state.dates = [...new Set(collections.flatMap((c) => c.dates))].sort().reverse();
+  state.colormapNames = colormaps.colormaps;
+  const common = ["viridis", "terrain", "magma", "cividis", "turbo", "gray", "rdylgn"].filter((n) => colormaps.colormaps.includes(n));
+  fillSelect($("colormap"), [...common, ...colormaps.colormaps.filter((n) => !common.includes(n))]);
+  fillSelect($("collection"), collections.map((c) => c.id).filter((id) => id !== null));
+  fillSelect($("date"), state.dates);
+  const names = Object.keys(state.assets);
+  fillSelect($("asset"), names);
+  state.defaultAsset = (info.default_assets || [])[0] || names[0];
+  const ids = collections.map((c) => c.id);
+  if (collections.length < 2 && ids[0] !== undefined) $("collection").closest("label").style.display = "none";
+
+  const { params, view } = wantedView();
+  state.hash = location.hash.slice(1);
+  state.tilejson = await getJSON(api("tilejson.json", searchParams())).catch(() => null);
+  await setControls(params);
+  const [west, south, east, north] = info.bbox || (state.tilejson || {}).bounds || [-180, -85, 180, 85];
+  const mapView = view.center
+    ? { center: view.center, zoom: view.zoom ?? (state.tilejson ? state.tilejson.minzoom : 2) }
+    : { bounds: [[west, south], [east, north]] };
+  await update({ force: true }); // validates, shows a refusal; the source is added on load
+  createMap(mapView);
+
+  const changed = async (defaults) => {
+    if (defaults) await applyDefaults();
+    update({ push: true });
+  };
+  $("asset").addEventListener("change", () => { $("bidx").value = ""; fillBands(); state.autoBidx = false; changed(true); });
+  $("method").addEventListener("change", () => changed(true));
+  $("bidx").addEventListener("change", () => { state.autoBidx = false; checkColormap(); changed(false); });
+  for (const id of ["date", "collection", "rescale", "colormap"]) $(id).addEventListener("change", () => changed(false));
+  $("footprints").addEventListener("change", refreshFootprints);
+  window.addEventListener("hashchange", onHashChange);
+  window.addEventListener("popstate", onHashChange);
+}
+
+$("panel-toggle").addEventListener("click", () => setPanel(document.body.classList.contains("collapsed")));
+setPanel(!matchMedia("(max-width: 700px)").matches); // a phone starts on the map
+start().catch((err) => {
+  setStatus(`could not load the catalog: ${err.message}`, true);
+  showMessage(`could not load the catalog: ${err.message}`);
+  window.addEventListener("hashchange", onHashChange, { once: true }); // e.g. #key=… added
+});

@@ -15,8 +15,9 @@ Why this shape:
 - Values JSON cannot carry: NaN and infinities become "nan", "inf", "-inf" (the raster
   extension's spelling for nodata); nulls a column holds only because another item has the
   field (a struct unified across items) are dropped, as rustac does; relative asset hrefs
-  are resolved against the catalog's location, as the read path resolves them (an href
-  relative to the API's URL would point at this server, which does not serve the files).
+  are resolved against the catalog's location, as the read path resolves them, and local
+  paths become file:// URIs (an href relative to, or a path on, the API's URL would point
+  at this server, which does not serve the files).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import datetime as dt
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from core.catalog import sql
@@ -142,7 +144,7 @@ class StacItems(Snapshots):
                 continue
             asset = _drop_nulls(asset)
             if isinstance(asset.get("href"), str):
-                asset["href"] = self.source.resolve_href(asset["href"])
+                asset["href"] = _uri(self.source.resolve_href(asset["href"]))
             assets[name] = asset
         item: dict[str, Any] = {
             "type": doc.get("type") or "Feature",
@@ -160,6 +162,12 @@ class StacItems(Snapshots):
         if doc.get("collection") is not None:
             item["collection"] = doc["collection"]
         return item
+
+
+def _uri(href: str) -> str:
+    """A local path as a file:// URI: STAC clients (pystac) resolve a bare path against the
+    item's self link, which is this server's URL."""
+    return Path(href).as_uri() if href.startswith("/") else href
 
 
 def _rfc3339(column: str) -> str:

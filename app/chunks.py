@@ -135,7 +135,6 @@ async def chunks(request: Request, body: ChunksRequest) -> Any:
         exitwhenfull=body.exitwhenfull,
         skipcovered=body.skipcovered,
     )
-    await engine.catalog.check(query)  # a bad sortby or filter: one 400, not an error per chunk
     params = ReadParams(
         assets=engine.resolve_assets(tuple(body.assets)),
         bidx=tuple(body.bidx),
@@ -144,6 +143,8 @@ async def chunks(request: Request, body: ChunksRequest) -> Any:
         nodata=body.nodata,
         unscale=body.unscale,
     )
+    # a bad sortby, filter or bidx: one 400 for the request, not an error per chunk
+    await engine.check(query, params)
     results = stream_chunks(
         engine,
         specs,

@@ -55,6 +55,7 @@ def _serve(args: argparse.Namespace) -> int:
         "http": HeaderTimeoutProtocol,  # slow request heads are cut off (app.protocol)
         "host": settings.host,
         "port": settings.port,
+        "root_path": settings.root_path,
         "log_config": None,  # app.logs configured the loggers (worker_app does in workers)
         "access_log": False,  # the observer middleware logs each request with its id
     }

@@ -58,6 +58,42 @@ def apply_rescale(data: np.ndarray, rescale: Sequence[tuple[float, float]]) -> n
     return out
 
 
+def check_render(
+    bands: int,
+    dtype: np.dtype | str,
+    fmt: str | None,
+    *,
+    rescale: Sequence[tuple[float, float]] = (),
+    colormap_name: str | None = None,
+) -> None:
+    """Refuse, with the fix in the message, what `fmt` cannot carry of `bands` bands of
+    `dtype`: decided from the layout alone, so `encode` asks it of each tile and TileJSON and
+    WMTS of the catalog's layout (core.engine.Engine.layout) before handing out URLs that
+    every tile would refuse. `fmt` None is the tile routes' choice, which is PNG (or JPEG
+    for full 8-bit tiles): PNG's rules apply."""
+    eight_bit = bool(rescale) or np.dtype(dtype) == np.uint8
+    fmt = fmt or "png"
+    if colormap_name:
+        check_colormap(colormap_name)
+        if bands != 1:
+            raise EncodeError(
+                f"colormap_name: a colormap needs one band, the tile has {bands}; "
+                "pick one with bidx"
+            )
+        if not eight_bit:
+            raise EncodeError("colormap_name: colormaps need 8-bit data; add rescale=min,max")
+    if fmt in _EIGHT_BIT_ONLY and not eight_bit:
+        raise EncodeError(
+            f"format: {fmt} holds 8-bit data only and the tile is {np.dtype(dtype)}; "
+            "add rescale=min,max or ask for png, npy or tif"
+        )
+    if fmt == "png" and not eight_bit and np.dtype(dtype) != np.uint16:
+        raise EncodeError(
+            f"format: png holds 8- or 16-bit integers and the tile is {np.dtype(dtype)}; "
+            "add rescale=min,max or ask for npy or tif"
+        )
+
+
 def encode(
     data: np.ndarray,
     valid: np.ndarray,
@@ -72,28 +108,10 @@ def encode(
     from rio_tiler.colormap import cmap
     from rio_tiler.utils import render
 
+    check_render(data.shape[0], data.dtype, fmt, rescale=rescale, colormap_name=colormap_name)
     if rescale:
         data = apply_rescale(data, rescale)
-    colormap = None
-    if colormap_name:
-        if data.shape[0] != 1:
-            raise EncodeError(
-                f"colormap_name: a colormap needs one band, the tile has {data.shape[0]}; "
-                "pick one with bidx"
-            )
-        if data.dtype != np.uint8:
-            raise EncodeError("colormap_name: colormaps need 8-bit data; add rescale=min,max")
-        colormap = cmap.get(colormap_name)
-    if fmt in _EIGHT_BIT_ONLY and data.dtype != np.uint8:
-        raise EncodeError(
-            f"format: {fmt} holds 8-bit data only and the tile is {data.dtype}; "
-            "add rescale=min,max or ask for png, npy or tif"
-        )
-    if fmt == "png" and data.dtype not in (np.uint8, np.uint16):
-        raise EncodeError(
-            f"format: png holds 8- or 16-bit integers and the tile is {data.dtype}; "
-            "add rescale=min,max or ask for npy or tif"
-        )
+    colormap = cmap.get(colormap_name) if colormap_name else None
     driver, _ = FORMATS[fmt]
     if fmt == "png" and colormap is None and png.supports(data):
         return png.encode_png(data, np.where(valid, np.iinfo(data.dtype).max, 0))

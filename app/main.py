@@ -17,12 +17,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
-from app import catalog_routes, chunks, landing, ogc, stac_api, tiles, viewer
+from app import catalog_routes, chunks, landing, ogc, responses, stac_api, tiles, viewer
 from app.encoders import EncodeError
 from app.guard import Guard
 from app.head import HeadAsGet
 from app.metrics import CONTENT_TYPE, Metrics
 from app.observe import Observer
+from app.proxy import ForwardedPrefix
 from core.catalog import SearchError, SearchQuery
 from core.chunks import LimitError
 from core.compute import WorkerDied
@@ -32,6 +33,20 @@ from core.plan import TileError
 from core.settings import Settings
 
 log = logging.getLogger("terrazzo")
+# Terrazzo's exceptions and the status each answers, most specific first (LimitError is a
+# ParamError). ReadFailed and WorkerDied are 502: the service is fine, the upstream work
+# failed (a compute worker that crashed on the job twice is already replaced).
+ERRORS: dict[type[Exception], int] = {
+    LimitError: 413,
+    TileError: 404,
+    ParamError: 400,
+    SearchError: 400,
+    EncodeError: 400,
+    FilterError: 400,
+    ReadFailed: 502,
+    WorkerDied: 502,
+    TimeoutError: 504,
+}
 # imported by every compute worker before its first job, and by this process while the
 # catalog opens (app.encoders imports rio_tiler lazily: ~0.7 s off the import of this module)
 WARM_MODULES = ("app.encoders", "rio_tiler.colormap", "rio_tiler.utils")
@@ -120,6 +135,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         summary="Mosaics of STAC-GeoParquet catalogs of Cloud-Optimized GeoTIFFs.",
         version="0.1.0",
         lifespan=lifespan,
+        responses=responses.APP,
         docs_url=None,  # app.landing serves /docs and /redoc from vendored assets (no CDN)
         redoc_url=None,
     )
@@ -154,41 +170,23 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         lambda: getattr(app.state, "engine", None),
         lambda: guard.inflight if (guard := _guard(app)) else 0,
     )
-    app.add_middleware(Observer, metrics=metrics)  # outermost: sees 503s and 413s too
+    app.add_middleware(Observer, metrics=metrics)  # sees 503s and 413s too
+    app.add_middleware(ForwardedPrefix)  # outermost: everything sees the public path
 
     def error(status: int, exc: Exception, **extra: object) -> JSONResponse:
         return JSONResponse({"detail": str(exc), **extra}, status_code=status)
 
-    @app.exception_handler(ParamError)
-    @app.exception_handler(SearchError)
-    @app.exception_handler(EncodeError)
-    @app.exception_handler(FilterError)
-    async def bad_parameter(request: Request, exc: Exception) -> JSONResponse:
-        return error(400, exc)
+    async def from_table(request: Request, exc: Exception) -> JSONResponse:
+        status = next(code for kind, code in ERRORS.items() if isinstance(exc, kind))
+        if isinstance(exc, TimeoutError):
+            limit = request.app.state.engine.settings.tile_timeout_s
+            exc = TimeoutError(f"not done in {limit} s (TERRAZZO_TILE_TIMEOUT_S)")
+        if isinstance(exc, ReadFailed):
+            return error(status, exc, items=[{"id": i, "error": e} for i, e in exc.errors])
+        return error(status, exc)
 
-    @app.exception_handler(TimeoutError)
-    async def too_slow(request: Request, exc: Exception) -> JSONResponse:
-        limit = request.app.state.engine.settings.tile_timeout_s
-        return error(504, TimeoutError(f"not done in {limit} s (TERRAZZO_TILE_TIMEOUT_S)"))
-
-    @app.exception_handler(LimitError)
-    async def over_limit(request: Request, exc: Exception) -> JSONResponse:
-        return error(413, exc)
-
-    @app.exception_handler(TileError)
-    async def no_such_tile(request: Request, exc: Exception) -> JSONResponse:
-        return error(404, exc)
-
-    @app.exception_handler(ReadFailed)
-    async def read_failed(request: Request, exc: ReadFailed) -> JSONResponse:
-        items = [{"id": i, "error": e} for i, e in exc.errors]
-        return error(502, exc, items=items)
-
-    @app.exception_handler(WorkerDied)
-    async def worker_died(request: Request, exc: WorkerDied) -> JSONResponse:
-        """A compute worker crashed on this job twice (or it ran past its deadline): the
-        service is fine and the pool is already rebuilt, the upstream work failed."""
-        return error(502, exc)
+    for kind in ERRORS:
+        app.add_exception_handler(kind, from_table)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import re
 from typing import Annotated, Any
+from urllib.parse import urlencode
 from xml.etree import ElementTree as ET
 
 import morecantile
@@ -36,16 +37,25 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from morecantile import TileMatrixSet
 from starlette.datastructures import URL
 
-from app.params import RenderParams, read_params, render_params, search_query
+from app import responses
+from app.encoders import FORMATS
+from app.params import (
+    RenderParams,
+    check_read,
+    read_params,
+    reject_unknown_query,
+    render_params,
+    search_query,
+)
 from core.catalog import SearchQuery
 from core.density import complete_zoom_async, tile_limit
-from core.engine import Engine, ReadParams
+from core.engine import Engine, ParamError, ReadParams
 from core.plan import matrix_set, matrix_set_crs, reproject_bounds
 
-router = APIRouter(tags=["OGC"])
+router = APIRouter(tags=["OGC"], dependencies=[Depends(reject_unknown_query)])
 DEFAULT_TMS = "WebMercatorQuad"
 MIN_ITEM_PIXELS = 8
-TILE_FORMAT = ("png", "image/png")  # WMTS layers are PNG: the mask becomes transparency
+TILE_FORMAT = "png"  # WMTS layers are PNG unless tile_format says: the mask is transparency
 
 NS = {
     "": "http://www.opengis.net/wmts/1.0",
@@ -59,6 +69,17 @@ for _prefix, _uri in NS.items():
 Tilesize = Annotated[
     int | None, Query(ge=1, description="Tile size the client will ask for (zooms shift).")
 ]
+Format = Annotated[
+    str | None, Query(description="Copied to the tiles: their `format` query parameter.")
+]
+TileFormat = Annotated[
+    str | None,
+    Query(description="The tiles' format as a path suffix, e.g. png (TiTiler's tile_format)."),
+]
+# WMTS key-value-pair keys (case-insensitive, OGC 07-057r7 Table 26): accepted on the
+# capabilities routes, left out of the tile URLs, and a KVP GetTile is answered as the tile
+KVP = ("service", "request", "version", "layer", "style", "format", "tilematrixset")
+KVP_TILE = ("tilematrix", "tilerow", "tilecol")
 
 
 def public_url(request: Request, url: URL | None = None) -> URL:
@@ -192,25 +213,50 @@ async def _pyramid_zoom(
     return int(pyramid.recipe["max_zoom"])
 
 
-def _query_suffix(request: Request) -> str:
-    query = request.url.query
-    return f"?{query}" if query else ""
+def _query_without(request: Request, drop: set[str]) -> str:
+    """The request's query string (with its "?") without the keys in `drop`, any case."""
+    kept = [(k, v) for k, v in request.query_params.multi_items() if k.lower() not in drop]
+    return ("?" + urlencode(kept)) if kept else ""
+
+
+def tile_query(request: Request, *, drop_kvp: bool = False) -> str:
+    """The request's query as the tiles need it: every tile parameter (and the access
+    token) unchanged, this document's own `tile_format` (and on WMTS the KVP keys) left out;
+    `tilesize` is kept, as the tiles must be asked at that size."""
+    return _query_without(request, {"tile_format", *(KVP + KVP_TILE if drop_kvp else ())})
+
+
+def _suffix(tile_format: str | None) -> str:
+    if tile_format is None:
+        return ""
+    if tile_format not in FORMATS:
+        raise ParamError(f"tile_format: unknown {tile_format!r}; choose one of {sorted(FORMATS)}")
+    return f".{tile_format}"
 
 
 async def _tilejson(
-    request: Request, tms_id: str, tilesize: int | None, query: SearchQuery, params: ReadParams
+    request: Request,
+    tms_id: str,
+    tilesize: int | None,
+    fmt: str | None,
+    tile_format: str | None,
+    query: SearchQuery,
+    params: ReadParams,
+    render: RenderParams,
 ) -> dict[str, Any]:
     tms = matrix_set(tms_id)
-    _engine(request).resolve_assets(params.assets)  # unknown assets: 400 now, not per tile
+    suffix = _suffix(tile_format)
+    # what every tile would refuse is refused here, once
+    await check_read(_engine(request), query, params, render, tile_format or fmt)
     bounds, minzoom, maxzoom = await _describe(request, tms, tilesize, query, params)
-    template = f"{public_base_url(request)}tiles/{tms.id}/{{z}}/{{x}}/{{y}}"
+    template = f"{public_base_url(request)}tiles/{tms.id}/{{z}}/{{x}}/{{y}}{suffix}"
     return {
         "tilejson": "3.0.0",
         "name": "terrazzo",
         "description": f"Mosaic of {_engine(request).catalog.name} ({tms.id})",
         "version": "1.0.0",
         "scheme": "xyz",
-        "tiles": [template + _query_suffix(request)],
+        "tiles": [template + tile_query(request)],
         "minzoom": minzoom,
         "maxzoom": maxzoom,
         "bounds": bounds,
@@ -222,12 +268,18 @@ async def _tilejson(
 async def tilejson(
     request: Request,
     tilesize: Tilesize = None,
+    format: Format = None,
+    tile_format: TileFormat = None,
     query: SearchQuery = Depends(search_query),
     params: ReadParams = Depends(read_params),
     render: RenderParams = Depends(render_params),
 ) -> dict[str, Any]:
-    """Every query parameter (the tile parameters) is copied into the `tiles` template."""
-    return await _tilejson(request, DEFAULT_TMS, tilesize, query, params)
+    """The tile parameters are copied into the `tiles` template; a combination every tile
+    would refuse (a float asset as PNG without rescale, a colormap on three bands, a bidx
+    past the bands) is a 400 here."""
+    return await _tilejson(
+        request, DEFAULT_TMS, tilesize, format, tile_format, query, params, render
+    )
 
 
 @router.get("/{tileMatrixSetId}/tilejson.json", summary="TileJSON 3.0.0 of the mosaic")
@@ -235,12 +287,16 @@ async def tilejson_tms(
     request: Request,
     tileMatrixSetId: str,
     tilesize: Tilesize = None,
+    format: Format = None,
+    tile_format: TileFormat = None,
     query: SearchQuery = Depends(search_query),
     params: ReadParams = Depends(read_params),
     render: RenderParams = Depends(render_params),
 ) -> dict[str, Any]:
-    """Every query parameter (the tile parameters) is copied into the `tiles` template."""
-    return await _tilejson(request, tileMatrixSetId, tilesize, query, params)
+    """As /tilejson.json, in the matrix set `tileMatrixSetId`."""
+    return await _tilejson(
+        request, tileMatrixSetId, tilesize, format, tile_format, query, params, render
+    )
 
 
 @router.get("/tileMatrixSets", summary="The tile matrix sets tiles can be asked in")
@@ -292,10 +348,13 @@ def _el(parent: ET.Element, tag: str, text: Any = None, **attrs: str) -> ET.Elem
 
 
 def _operation(parent: ET.Element, name: str, href: str) -> None:
+    """An operation at `href` (the capabilities URL): RESTful, and KVP (GetTile answered by
+    the capabilities routes themselves, as OWSLib's `gettile` asks)."""
     op = _el(parent, "ows:Operation", name=name)
     get = _el(_el(_el(op, "ows:DCP"), "ows:HTTP"), "ows:Get", **{f"{{{NS['xlink']}}}href": href})
     allowed = _el(_el(get, "ows:Constraint", name="GetEncoding"), "ows:AllowedValues")
     _el(allowed, "ows:Value", "RESTful")
+    _el(allowed, "ows:Value", "KVP")
 
 
 def wmts_capabilities(
@@ -308,6 +367,7 @@ def wmts_capabilities(
     minzoom: int,
     maxzoom: int,
     tilesize: int | None = None,
+    fmt: str = TILE_FORMAT,
 ) -> bytes:
     """A WMTS 1.0.0 GetCapabilities document, elements in the schema's order: one layer
     (the mosaic) with a RESTful ResourceURL and its matrix set (zooms minzoom..maxzoom).
@@ -343,16 +403,11 @@ def wmts_capabilities(
     _el(layer, "ows:Identifier", "terrazzo")
     style = _el(layer, "Style", isDefault="true")
     _el(style, "ows:Identifier", "default")
-    _el(layer, "Format", TILE_FORMAT[1])
+    media = FORMATS[fmt][1]
+    _el(layer, "Format", media)
     _el(_el(layer, "TileMatrixSetLink"), "TileMatrixSet", tms.id)
-    template = f"{base}tiles/{tms.id}/{{TileMatrix}}/{{TileCol}}/{{TileRow}}.{TILE_FORMAT[0]}"
-    _el(
-        layer,
-        "ResourceURL",
-        format=TILE_FORMAT[1],
-        resourceType="tile",
-        template=template + (f"?{query}" if query else ""),
-    )
+    template = f"{base}tiles/{tms.id}/{{TileMatrix}}/{{TileCol}}/{{TileRow}}.{fmt}"
+    _el(layer, "ResourceURL", format=media, resourceType="tile", template=template + query)
 
     matrix_set = _el(contents, "TileMatrixSet")
     _el(matrix_set, "ows:Identifier", tms.id)
@@ -374,44 +429,122 @@ def wmts_capabilities(
 
 
 async def _wmts(
-    request: Request, tms_id: str, tilesize: int | None, query: SearchQuery, params: ReadParams
+    request: Request,
+    tms_id: str,
+    tilesize: int | None,
+    tile_format: str | None,
+    query: SearchQuery,
+    params: ReadParams,
+    render: RenderParams,
 ) -> Response:
     tms = matrix_set(tms_id)
-    _engine(request).resolve_assets(params.assets)
+    kvp = {k.lower(): v for k, v in request.query_params.items() if k.lower() in KVP + KVP_TILE}
+    operation = kvp.get("request", "GetCapabilities")
+    if operation.lower() == "gettile":
+        return await _kvp_tile(request, tms, kvp, tilesize, query, params, render)
+    if operation.lower() != "getcapabilities":
+        raise ParamError(
+            f"request: this WMTS answers GetCapabilities and GetTile, not {operation!r}"
+        )
+    fmt = _suffix(tile_format)[1:] or TILE_FORMAT
+    await check_read(_engine(request), query, params, render, fmt)  # once, not per tile
     bounds, minzoom, maxzoom = await _describe(request, tms, tilesize, query, params)
     body = wmts_capabilities(
         tms,
         base=public_base_url(request),
-        self_url=str(public_url(request)),
-        query=request.url.query,
+        # this document's URL with the tile parameters, without KVP keys: OWSLib appends its
+        # own (REQUEST=GetTile...) to it
+        self_url=str(public_url(request).replace(query=""))
+        + _query_without(request, set(KVP + KVP_TILE)),
+        query=tile_query(request, drop_kvp=True),
         bounds=bounds,
         minzoom=minzoom,
         maxzoom=maxzoom,
         tilesize=tilesize,
+        fmt=fmt,
     )
     return Response(body, media_type="application/xml")
 
 
-@router.get("/WMTSCapabilities.xml", summary="OGC WMTS 1.0.0 capabilities (WebMercatorQuad)")
+async def _kvp_tile(
+    request: Request,
+    tms: TileMatrixSet,
+    kvp: dict[str, str],
+    tilesize: int | None,
+    query: SearchQuery,
+    params: ReadParams,
+    render: RenderParams,
+) -> Response:
+    """A KVP GetTile (TILEMATRIXSET, TILEMATRIX, TILECOL, TILEROW, FORMAT), answered as the
+    RESTful tile it names; a key missing or naming something this service lacks is a 400."""
+    from app.tiles import render_tile
+
+    missing = [k.upper() for k in KVP_TILE if k not in kvp]
+    if missing:
+        raise ParamError(f"GetTile: missing {', '.join(missing)}")
+    if kvp.get("layer", "terrazzo") != "terrazzo":
+        raise ParamError(f"LAYER: this WMTS has one layer, 'terrazzo', not {kvp['layer']!r}")
+    if kvp.get("tilematrixset", tms.id) != tms.id:
+        raise ParamError(
+            f"TILEMATRIXSET: this document's is {tms.id!r}, not {kvp['tilematrixset']!r}"
+        )
+    ids = [m.id for m in tms.tileMatrices]
+    if kvp["tilematrix"] not in ids:
+        raise ParamError(
+            f"TILEMATRIX: {kvp['tilematrix']!r} is not one of {tms.id}'s {ids[0]}..{ids[-1]}"
+        )
+    media = {m: f for f, (_, m) in reversed(FORMATS.items())}
+    fmt = media.get(kvp.get("format", FORMATS[TILE_FORMAT][1]))
+    if fmt is None:
+        raise ParamError(f"FORMAT: expected one of {sorted(media)}, got {kvp['format']!r}")
+    try:
+        col, row = int(kvp["tilecol"]), int(kvp["tilerow"])
+    except ValueError as exc:
+        raise ParamError("TILECOL, TILEROW: expected integers") from exc
+    z = ids.index(kvp["tilematrix"])
+    return await render_tile(
+        request, tms.id, z, col, row, fmt, tilesize or 256, query, params, render
+    )
+
+
+WMTS_ROUTE: dict[str, Any] = {
+    "response_class": Response,
+    "responses": {**responses.XML, **responses.TILE},
+    "openapi_extra": {"x-query-names-nocase": list(KVP + KVP_TILE)},
+}
+
+
+@router.get(
+    "/WMTSCapabilities.xml",
+    summary="OGC WMTS 1.0.0 capabilities (WebMercatorQuad); KVP GetTile",
+    **WMTS_ROUTE,
+)
 async def wmts(
     request: Request,
     tilesize: Tilesize = None,
+    tile_format: TileFormat = None,
     query: SearchQuery = Depends(search_query),
     params: ReadParams = Depends(read_params),
     render: RenderParams = Depends(render_params),
 ) -> Response:
-    """Every query parameter (the tile parameters) is copied into the ResourceURL template."""
-    return await _wmts(request, DEFAULT_TMS, tilesize, query, params)
+    """The tile parameters are copied into the ResourceURL template (the KVP keys are not);
+    a combination every tile would refuse is a 400 here."""
+    return await _wmts(request, DEFAULT_TMS, tilesize, tile_format, query, params, render)
 
 
-@router.get("/{tileMatrixSetId}/WMTSCapabilities.xml", summary="OGC WMTS 1.0.0 capabilities")
+@router.get(
+    "/{tileMatrixSetId}/WMTSCapabilities.xml",
+    summary="OGC WMTS 1.0.0 capabilities; KVP GetTile",
+    **WMTS_ROUTE,
+)
 async def wmts_tms(
     request: Request,
     tileMatrixSetId: str,
     tilesize: Tilesize = None,
+    tile_format: TileFormat = None,
     query: SearchQuery = Depends(search_query),
     params: ReadParams = Depends(read_params),
     render: RenderParams = Depends(render_params),
 ) -> Response:
-    """Every query parameter (the tile parameters) is copied into the ResourceURL template."""
-    return await _wmts(request, tileMatrixSetId, tilesize, query, params)
+    """As /WMTSCapabilities.xml, in the matrix set `tileMatrixSetId`."""
+    return await _wmts(request, tileMatrixSetId, tilesize, tile_format, query, params, render)

@@ -8,14 +8,23 @@ runs a sync dependency in its thread pool, three thread hops per tile for nothin
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
+from typing import Any
 
-from fastapi import Query
+from fastapi import Query, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 
-from app.encoders import check_colormap
+from app.encoders import check_colormap, check_render
+from app.guard import TOKEN_PARAMETER
 from core.catalog import SearchQuery, parse_datetime_range
-from core.engine import ParamError, ReadParams
+from core.engine import Engine, ParamError, ReadParams
 from core.filters import parse as parse_filter
+
+FILTER_LANGS = ("cql2-text", "cql2-json")
+# every route takes these: the API key for <img> clients (app.guard)
+ANYWHERE = frozenset({TOKEN_PARAMETER})
 
 
 def _split(values: list[str] | None) -> tuple[str, ...]:
@@ -71,6 +80,16 @@ async def search_query(
     filter: str | None = Query(
         None, description="CQL2-text or CQL2-JSON on item properties, e.g. `eo:cloud_cover < 10`."
     ),
+    filter_lang: str | None = Query(
+        None,
+        alias="filter-lang",
+        description="cql2-text or cql2-json (default: told apart by the first character).",
+    ),
+    filter_crs: str | None = Query(
+        None,
+        alias="filter-crs",
+        description="Only lon/lat (http://www.opengis.net/def/crs/OGC/1.3/CRS84) is supported.",
+    ),
     items_limit: str | None = Query(
         None, description="Items mosaicked at most (default and cap: the server's max_items)."
     ),
@@ -88,6 +107,12 @@ async def search_query(
         description="Leave out items whose footprint newer ones cover (default: on for first).",
     ),
 ) -> SearchQuery:
+    if filter_lang is not None and filter_lang not in FILTER_LANGS:
+        raise ParamError(f"filter-lang: expected one of {list(FILTER_LANGS)}, got {filter_lang!r}")
+    if filter_lang and filter and (filter.lstrip().startswith("{")) != (filter_lang == "cql2-json"):
+        raise ParamError(f"filter-lang: {filter_lang} was given; the filter is not {filter_lang}")
+    if filter_crs is not None and not filter_crs.rstrip("/").endswith(("CRS84", "4326")):
+        raise ParamError(f"filter-crs: only CRS84 (lon/lat) is supported, got {filter_crs!r}")
     return SearchQuery(
         filter=parse_filter(filter) if filter else None,
         datetime=parse_datetime_range(datetime) if datetime else None,
@@ -157,3 +182,68 @@ async def render_params(
     except ValueError as exc:
         raise ParamError(str(exc)) from exc
     return RenderParams(rescale=tuple(ranges), colormap_name=colormap_name)
+
+
+async def check_read(
+    engine: Engine,
+    query: SearchQuery,
+    params: ReadParams,
+    render: RenderParams,
+    fmt: str | None,
+) -> dict[str, Any] | None:
+    """The whole combination checked once, as every tile would check it: the read (assets,
+    filter, sortby, bidx: `Engine.check`) and what `fmt` can carry of its layout (rescale,
+    colormap, dtype: `app.encoders.check_render`). TileJSON and WMTS call it so that a client
+    is refused once, with the fix, instead of being handed URLs that all fail."""
+    layout = await engine.check(query, params)
+    if layout is not None:
+        check_render(
+            layout["bands"],
+            layout["dtype"],
+            fmt,
+            rescale=render.rescale,
+            colormap_name=render.colormap_name,
+        )
+    return layout
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    names = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+_KNOWN: dict[int, frozenset[str]] = {}
+
+
+def known_query_names(route: APIRoute) -> frozenset[str]:
+    """The query parameters `route` declares (its own and its dependencies'), and ANYWHERE;
+    a route may add names through `openapi_extra={"x-query-names": [...]}` (WMTS KVP keys)."""
+    key = id(route)
+    if key not in _KNOWN:
+        extra = (route.openapi_extra or {}).get("x-query-names", ())
+        _KNOWN[key] = frozenset(_query_names(route.dependant)) | ANYWHERE | set(extra)
+    return _KNOWN[key]
+
+
+async def reject_unknown_query(request: Request) -> None:
+    """A misspelled parameter is a 400 naming the nearest known one: silently ignored,
+    `?asets=dem` would serve the default asset with a 200."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    known = known_query_names(route)
+    extra = (route.openapi_extra or {}).get("x-query-names-nocase", ())
+    unknown = [
+        k for k in dict.fromkeys(request.query_params) if k not in known and k.lower() not in extra
+    ]
+    if not unknown:
+        return
+    problems = []
+    for name in unknown:
+        near = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        problems.append(f"{name!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+    raise ParamError(
+        f"unknown query parameter {', '.join(problems)}; this route takes {sorted(known)}"
+    )

@@ -302,7 +302,6 @@ def with_links(item: dict[str, Any], base: str) -> dict[str, Any]:
 
 async def _page(
     request: Request,
-    route: str,
     query: SearchQuery,
     limit: int,
     token: str | None,
@@ -314,7 +313,7 @@ async def _page(
     base = public_base_url(request)
     links = [
         {"rel": "root", "href": base, "type": "application/json"},
-        {"rel": "self", "href": _self_href(request, route), "type": GEOJSON},
+        {"rel": "self", "href": str(request.url), "type": GEOJSON},
     ]
     if page.next_key is not None:
         links.append(next_link(encode_token(query, page.next_key)))
@@ -327,12 +326,6 @@ async def _page(
     if page.matched is not None:  # with `intersects`, counting would test every footprint
         body["numberMatched"] = page.matched
     return JSONResponse(body, media_type=GEOJSON)
-
-
-def _self_href(request: Request, route: str) -> str:
-    """This request's URL under the public base (root path, forwarded prefix)."""
-    query = request.url.query
-    return f"{public_base_url(request)}{route}" + (f"?{query}" if query else "")
 
 
 def _get_next(request: Request, route: str, limit: int) -> Any:
@@ -395,51 +388,10 @@ async def search_get(
         "token": token,
     }
     query, size, token = search_from(params)
-    next_link = _get_next(request, "search", size)
-    return await _page(request, "search", query, size, token, next_link)
+    return await _page(request, query, size, token, _get_next(request, "search", size))
 
 
-_STRINGS = {"type": "array", "items": {"type": "string"}}
-SEARCH_BODY = {  # documented for clients and schema-driven tests; parsed by `search_from`
-    "type": "object",
-    "additionalProperties": False,
-    "properties": {
-        "bbox": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 6},
-        "intersects": {"type": "object", "description": "A GeoJSON geometry (lon/lat)."},
-        "datetime": {"type": "string"},
-        "collections": _STRINGS,
-        "ids": _STRINGS,
-        "filter": {"oneOf": [{"type": "string"}, {"type": "object"}]},
-        "filter-lang": {"type": "string", "enum": ["cql2-text", "cql2-json"]},
-        "filter-crs": {"type": "string"},
-        "sortby": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["field"],
-                "properties": {
-                    "field": {"type": "string"},
-                    "direction": {"type": "string", "enum": ["asc", "desc"]},
-                },
-            },
-        },
-        "limit": {"type": "integer", "minimum": 1},
-        "token": {"type": "string"},
-    },
-}
-
-
-@router.post(
-    "/search",
-    summary="STAC item search (POST, JSON body)",
-    response_class=JSONResponse,
-    openapi_extra={
-        "requestBody": {
-            "required": False,
-            "content": {"application/json": {"schema": SEARCH_BODY}},
-        }
-    },
-)
+@router.post("/search", summary="STAC item search (POST, JSON body)", response_class=JSONResponse)
 async def search_post(request: Request) -> JSONResponse:
     """The body's keys are STAC API's (see BODY_KEYS); the `next` link is a POST whose body
     `{"token": ...}` is merged into this one."""
@@ -464,7 +416,7 @@ async def search_post(request: Request) -> JSONResponse:
             "merge": True,
         }
 
-    return await _page(request, "search", query, size, token, next_link)
+    return await _page(request, query, size, token, next_link)
 
 
 async def _known_collection(request: Request, collection_id: str) -> dict[str, Any]:
@@ -534,7 +486,7 @@ async def collection_items(
         }
     )
     route = f"collections/{quote(collectionId, safe='')}/items"
-    return await _page(request, route, query, size, token, _get_next(request, route, size))
+    return await _page(request, query, size, token, _get_next(request, route, size))
 
 
 @router.get(

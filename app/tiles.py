@@ -11,26 +11,35 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
+from app import responses
 from app.encoders import FORMATS, encode
-from app.params import RenderParams, read_params, render_params, search_query
+from app.params import (
+    RenderParams,
+    read_params,
+    reject_unknown_query,
+    render_params,
+    search_query,
+)
 from core.catalog import SearchQuery
 from core.engine import Engine, ParamError, ReadParams
 from core.plan import tile_grid
 
-router = APIRouter(tags=["tiles"])
+router = APIRouter(tags=["tiles"], dependencies=[Depends(reject_unknown_query)])
 DEFAULT_TMS = "WebMercatorQuad"
 
 Z = Annotated[int, Path(description="Zoom level", ge=0)]
 X = Annotated[int, Path(description="Tile column", ge=0)]
 Y = Annotated[int, Path(description="Tile row", ge=0)]
 Tilesize = Annotated[int, Query(ge=1, description="Output tile width and height in pixels.")]
+Format = str | None  # a path parameter on the suffixed route, a query parameter on the other
+TILE_RESPONSES: dict = {"response_class": Response, "responses": responses.TILE}
 
 
 def _engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
-async def _tile(
+async def render_tile(
     request: Request,
     tms: str,
     z: int,
@@ -180,66 +189,48 @@ async def point(
     return {"coordinates": [lon, lat], "items": items}
 
 
-@router.get("/tiles/{tileMatrixSetId}/{z}/{x}/{y}.{format}", summary="Mosaic tile in a format")
-async def tile_tms_format(
-    request: Request,
-    tileMatrixSetId: str,
-    z: Z,
-    x: X,
-    y: Y,
-    format: str,
-    tilesize: Tilesize = 256,
-    query: SearchQuery = Depends(search_query),
-    params: ReadParams = Depends(read_params),
-    render: RenderParams = Depends(render_params),
-) -> Response:
-    return await _tile(request, tileMatrixSetId, z, x, y, format, tilesize, query, params, render)
-
-
-@router.get("/tiles/{tileMatrixSetId}/{z}/{x}/{y}", summary="Mosaic tile")
+# One handler per matrix-set form, each on two paths: `.{format}` in the path, or the
+# `format` query parameter (omitted: PNG, or JPEG for a full 8-bit tile). The suffixed path
+# is registered first (the decorator nearest the function): "{y}" would match "3.png".
+@router.get("/tiles/{tileMatrixSetId}/{z}/{x}/{y}", summary="Mosaic tile", **TILE_RESPONSES)
+@router.get(
+    "/tiles/{tileMatrixSetId}/{z}/{x}/{y}.{format}",
+    summary="Mosaic tile in a format",
+    **TILE_RESPONSES,
+)
 async def tile_tms(
     request: Request,
     tileMatrixSetId: str,
     z: Z,
     x: X,
     y: Y,
-    format: str | None = Query(None, description="png, jpeg, webp, npy or tif."),
+    format: Format = None,
     tilesize: Tilesize = 256,
     query: SearchQuery = Depends(search_query),
     params: ReadParams = Depends(read_params),
     render: RenderParams = Depends(render_params),
 ) -> Response:
-    return await _tile(request, tileMatrixSetId, z, x, y, format, tilesize, query, params, render)
+    return await render_tile(
+        request, tileMatrixSetId, z, x, y, format, tilesize, query, params, render
+    )
 
 
-@router.get("/tiles/{z}/{x}/{y}.{format}", summary="WebMercatorQuad tile in a format")
-async def tile_format(
-    request: Request,
-    z: Z,
-    x: X,
-    y: Y,
-    format: str,
-    tilesize: Tilesize = 256,
-    query: SearchQuery = Depends(search_query),
-    params: ReadParams = Depends(read_params),
-    render: RenderParams = Depends(render_params),
-) -> Response:
-    return await _tile(request, DEFAULT_TMS, z, x, y, format, tilesize, query, params, render)
-
-
-@router.get("/tiles/{z}/{x}/{y}", summary="WebMercatorQuad tile")
+@router.get("/tiles/{z}/{x}/{y}", summary="WebMercatorQuad tile", **TILE_RESPONSES)
+@router.get(
+    "/tiles/{z}/{x}/{y}.{format}", summary="WebMercatorQuad tile in a format", **TILE_RESPONSES
+)
 async def tile(
     request: Request,
     z: Z,
     x: X,
     y: Y,
-    format: str | None = Query(None, description="png, jpeg, webp, npy or tif."),
+    format: Format = None,
     tilesize: Tilesize = 256,
     query: SearchQuery = Depends(search_query),
     params: ReadParams = Depends(read_params),
     render: RenderParams = Depends(render_params),
 ) -> Response:
-    return await _tile(request, DEFAULT_TMS, z, x, y, format, tilesize, query, params, render)
+    return await render_tile(request, DEFAULT_TMS, z, x, y, format, tilesize, query, params, render)
 
 
 @router.get("/plan/{tileMatrixSetId}/{z}/{x}/{y}", summary="The read plan behind a tile")

@@ -23,8 +23,7 @@ import pyproj
 
 from core.bounded import run_bounded
 from core.catalog import SearchQuery
-from core.engine import Engine, ParamError, ReadFailed, ReadParams
-from core.mosaic import METHODS
+from core.engine import Engine, ParamError, ReadFailed, ReadParams, band_layout
 from core.plan import Grid, ItemRead, ReadPlan, describe_error
 from core.timing import StageClock
 
@@ -247,22 +246,7 @@ async def _fill(
 
 def output_layout(plan: ReadPlan, params: ReadParams, dtype: str | None) -> dict[str, Any] | None:
     """Bands and dtype a read of `plan` returns, without reading (for lazy clients)."""
-    if not plan.items:
-        return None
-    reads = plan.items[0].reads
-    names = [
-        name
-        for r in reads
-        for name in (
-            [r.asset] if r.count == 1 else [f"{r.asset}.{b}" for b in range(1, r.count + 1)]
-        )
-    ]
-    if params.bidx:
-        names = [names[b - 1] if b <= len(names) else f"band.{b}" for b in params.bidx]
-    layer = np.result_type(*(np.dtype(r.dtype) for r in reads))
-    out = np.dtype(dtype) if dtype else METHODS[params.method].output_dtype(layer)
-    # band names as odc-stac gives them: the asset's name, "asset.N" for a multi-band asset
-    return {"bands": len(names), "dtype": out.str, "names": names}
+    return band_layout(plan.items[0].reads, params, dtype) if plan.items else None
 
 
 def check_limits(specs: list[ChunkSpec], *, max_chunks: int, max_pixels: int) -> None:

@@ -11,8 +11,9 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import shapely
@@ -25,6 +26,7 @@ from core.fetch import Fetcher
 from core.mosaic import METHODS
 from core.plan import (
     RESAMPLING,
+    AssetRead,
     Grid,
     Header,
     ItemRead,
@@ -40,6 +42,7 @@ from core.timing import StageClock
 
 MAX_ASSETS = 32  # assets one request may read (each is a COG per item)
 MAX_BANDS = 256  # output bands one request may ask for (bidx)
+LAYOUT_SAMPLE = 16  # items `Engine.layout` looks at for one that has every asset
 
 
 class ParamError(ValueError):
@@ -258,6 +261,40 @@ class Engine:
                 raise value
         return headers
 
+    async def check(self, query: SearchQuery, params: ReadParams) -> dict[str, Any] | None:
+        """Refuse once what every read of this request would refuse: unknown assets, a filter
+        or sortby the catalog cannot answer, bidx beyond the bands (ParamError/SearchError/
+        FilterError). Returns the read's layout (`layout`), None when nothing matches."""
+        self.resolve_assets(params.assets)
+        await self.catalog.check(query)
+        return await self.layout(query, params)
+
+    async def layout(self, query: SearchQuery, params: ReadParams) -> dict[str, Any] | None:
+        """The bands, dtype and band names a read with `params` returns, from the headers of
+        the first item `query` matches that has every asset (no pixel read): what TileJSON
+        and WMTS check a combination against before handing out URLs every tile would refuse.
+        None when no item matches or its headers do not open (the tiles will say why).
+        Catalogs whose items differ in band layout per asset are judged by that first item."""
+        assets = self.resolve_assets(params.assets)
+        found = await self.catalog.search(
+            dataclasses.replace(query, assets=assets, limit=LAYOUT_SAMPLE, bbox=None)
+        )
+        sample = next(
+            (i for i in found if not i.error and all(a in i.assets for a in assets)), None
+        )
+        if sample is None:
+            return None
+        headers = await self._headers({sample.assets[a] for a in assets}, StageClock())
+        opened = [headers[sample.assets[a]] for a in assets]
+        if any(isinstance(h, BaseException) for h in opened):
+            return None
+        reads = [
+            BandSource(asset, h.count, h.dtype)
+            for asset, h in zip(assets, opened, strict=True)
+            if isinstance(h, Header)
+        ]
+        return band_layout(reads, params)
+
     # -- reading -----------------------------------------------------------------------------
 
     async def read(self, grid: Grid, query: SearchQuery, params: ReadParams) -> Mosaic | None:
@@ -356,12 +393,7 @@ class Engine:
             if errors:
                 raise ReadFailed(errors)
             return None
-        bands = sum(r.count for r in plan.items[0].reads)
-        if params.bidx and max(params.bidx) > bands:
-            raise ParamError(
-                f"bidx: band {max(params.bidx)} does not exist; assets "
-                f"{', '.join(plan.assets)} have {bands} band(s)"
-            )
+        band_layout(plan.items[0].reads, params)  # bidx beyond the bands: a ParamError
         g = plan.grid
         target = Target(crs=g.crs, transform=tuple(g.transform)[:6], width=g.width, height=g.height)
         limit = asyncio.Semaphore(self.settings.request_concurrency)
@@ -521,6 +553,45 @@ class Engine:
                 out.append(result)
         out += [{"id": i, "error": e} for i, e in plan.errors]
         return out
+
+
+class BandSource(NamedTuple):
+    """What `band_layout` needs of an asset read: its name, band count and dtype."""
+
+    asset: str
+    count: int
+    dtype: str
+
+
+def band_layout(
+    reads: Sequence[AssetRead | BandSource], params: ReadParams, dtype: str | None = None
+) -> dict[str, Any]:
+    """Bands, dtype and band names a read of one item's `reads` returns with `params`,
+    decided without pixels: one rule for the plan's layout (lazy clients), the bidx check of
+    every read, and the check TileJSON and WMTS make. Band names as odc-stac gives them: the
+    asset's name, "asset.N" for a multi-band asset. Raises ParamError for a bidx beyond the
+    bands."""
+    names = [
+        name
+        for r in reads
+        for name in (
+            [r.asset] if r.count == 1 else [f"{r.asset}.{b}" for b in range(1, r.count + 1)]
+        )
+    ]
+    if params.bidx and max(params.bidx) > len(names):
+        assets = ", ".join(dict.fromkeys(r.asset for r in reads))
+        raise ParamError(
+            f"bidx: band {max(params.bidx)} does not exist; assets {assets} have "
+            f"{len(names)} band(s)"
+        )
+    if params.bidx:
+        names = [names[b - 1] for b in params.bidx]
+    if params.unscale:  # scale/offset applied in float32 (compute.warp_item)
+        layer = np.dtype("float32")
+    else:
+        layer = np.result_type(*(np.dtype(r.dtype) for r in reads))
+    out = np.dtype(dtype) if dtype else METHODS[params.method].output_dtype(layer)
+    return {"bands": len(names), "dtype": out.str, "names": names}
 
 
 def _distinct(items: tuple[ItemRead, ...]) -> list[ItemRead]:

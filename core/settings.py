@@ -27,6 +27,13 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = 8000
+    root_path: str = Field(
+        "",
+        pattern=r"^(/[A-Za-z0-9._~-]+)*$",
+        description="Public path prefix the service is served under by a proxy that strips "
+        "it before forwarding, e.g. /maps (uvicorn's --root-path; a proxy may instead send "
+        "X-Forwarded-Prefix per request).",
+    )
 
     # Access: local roots or URL prefixes allowed besides the catalog's own (comma-separated)
     allow: str = Field("", description="Extra allowed stores: directories or URL prefixes.")

@@ -88,12 +88,13 @@ def test_lazy_blocks_raise_item_errors_when_computed(broken: Server) -> None:
 def test_a_chunk_error_is_raised_with_the_servers_message_and_not_retried(
     server: Server,
 ) -> None:
-    """bidx past the asset's bands: the server's own message, at once (a retry would wait
-    the 20 s backoff this client is given)."""
+    """A chunk over the server's per-chunk output cap (4096² x 3 bands as float64 is ~400 MiB;
+    the cap is 256): that chunk's own error, with the server's message, at once (a retry
+    would wait the 20 s backoff this client is given)."""
     with Client(server.url, backoff=20, backoff_cap=20) as client:
         started = time.monotonic()
-        with pytest.raises(ChunkError, match="bidx") as info:
-            client.read(area(512, 30), bidx=[9], **READ)
+        with pytest.raises(ChunkError, match="MiB") as info:
+            client.read(area(4096, 30), chunk_size=4096, dtype="float64", **READ)
         assert time.monotonic() - started < 15
     assert isinstance(info.value, ServerError) and info.value.chunk
 
@@ -103,6 +104,7 @@ def test_a_chunk_error_is_raised_with_the_servers_message_and_not_retried(
     [
         ({"sortby": ["-cloudiness"]}, "sortby"),
         ({"filter": "nosuchfield > 3"}, "nosuchfield"),
+        ({"bidx": [9]}, "bidx"),  # past the 3 bands: known from one header, before any chunk
     ],
 )
 def test_request_wide_mistakes_are_one_400(server: Server, params: dict, needle: str) -> None:

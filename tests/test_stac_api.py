@@ -22,8 +22,6 @@ from pystac.validation.stac_validator import GetSchemaError, JsonSchemaSTACValid
 from pystac_client import Client
 
 from app.stac_api import MAX_LIMIT
-from core.catalog import Catalog, SearchQuery
-from core.indexing import index_items
 from tests.conftest import Server, assert_clear_error, utm_area
 
 ALL = 37  # demo items
@@ -264,45 +262,3 @@ def test_bad_bodies_tokens_and_limits(http: httpx.Client) -> None:
     big = http.get("/search", params={"limit": MAX_LIMIT * 10})
     assert big.status_code == 200 and big.json()["numberReturned"] == ALL
     assert json.loads(big.text)["numberMatched"] == ALL
-
-
-@pytest.fixture(scope="module")
-def sparse_catalog(demo_catalog: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """The demo's items with a `cloud` property of many ties, missing (NULL) on a quarter."""
-    out = tmp_path_factory.mktemp("sparse")
-    items = []
-    for n, line in enumerate((demo_catalog.parent / "items.ndjson").read_text().splitlines()):
-        item = json.loads(line)
-        for asset in item["assets"].values():
-            asset["href"] = str(demo_catalog.parent / asset["href"])
-        if n % 4:
-            item["properties"]["cloud"] = float(n % 3)
-        items.append(item)
-    (out / "items.ndjson").write_text("\n".join(json.dumps(i) for i in items))
-    index_items(out / "items.ndjson", out / "items.parquet")
-    catalog = Catalog(out / "items.parquet", cache=out / "cache")
-    yield out / "items.parquet", catalog
-    catalog.close()
-
-
-@pytest.mark.parametrize("sortby", [("cloud", "-datetime"), ("-cloud",), ("+platform", "-cloud")])
-def test_keyset_pages_over_nulls_and_ties(sparse_catalog: Any, sortby: tuple[str, ...]) -> None:
-    """Page keys past NULLs (sorted last) and ties: pages of 3 give the whole order once,
-    the order DuckDB gives the file itself (NULLS LAST, then id)."""
-    path, catalog = sparse_catalog
-    terms = ", ".join(
-        f"{s.lstrip('+-')} {'DESC' if s.startswith('-') else 'ASC'} NULLS LAST" for s in sortby
-    )
-    query = f"SELECT id, cloud FROM read_parquet(?) ORDER BY {terms}, id"
-    rows = duckdb.execute(query, [str(path)]).fetchall()
-    assert any(cloud is None for _, cloud in rows), "some items lack the property"
-    got: list[str] = []
-    after = None
-    while True:
-        page = catalog.stac_page(SearchQuery(sortby=sortby), 3, after)
-        assert page.matched == ALL and len(page.items) <= 3
-        got += [item["id"] for item in page.items]
-        after = page.next_key
-        if after is None:
-            break
-    assert got == [item_id for item_id, _ in rows]

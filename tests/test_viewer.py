@@ -328,9 +328,12 @@ def test_refused_parameters_show_the_servers_message(page: Any, http: httpx.Clie
     page.fill("#rescale", "")
     page.dispatch_event("#rescale", "change")
     page.wait_for_selector("#message", state="hidden", timeout=30_000)
-    assert page.evaluate("() => window.terrazzo.map.getSource('mosaic').tiles[0]").endswith(
-        "?assets=visual&method=first"
-    )
+    tiles = page.wait_for_function(
+        "() => { const s = window.terrazzo.map.getStyle().sources.mosaic;"
+        " return s && s.tiles[0]; }",
+        timeout=30_000,
+    ).json_value()
+    assert tiles.endswith("?assets=visual&method=first"), tiles
 
 
 def test_only_valid_combinations_are_offered(browser: Any, server: Server) -> None:

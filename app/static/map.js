@@ -335,7 +335,7 @@ async function renderLegend() {
   const colourOf = (v) => colours[Math.max(0, Math.min(255, Math.floor(((v - lo) / (hi - lo || 1)) * 255)))];
   if (method === "count") {
     title = "count: items with data at each pixel";
-    note = `the number of items (of these filters) with a valid pixel there${range ? `; ${fmt(hi)} or more at the top` : ""}`;
+    note = `items (of these filters) with a valid pixel there${range ? `; ${fmt(hi)}+: ${fmt(hi)} or more` : ""}`;
     if (Number.isInteger(lo) && Number.isInteger(hi) && hi > lo && hi - lo <= 12) {
       for (let k = Math.max(1, lo); k <= hi; k++) {
         const step = document.createElement("span");

@@ -15,12 +15,13 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
+from app import responses
 from app.ogc import public_base_url
-from app.params import search_query
+from app.params import reject_unknown_query, search_query
 from core.catalog import SearchQuery
 from core.engine import ParamError
 
-router = APIRouter(tags=["catalog"])
+router = APIRouter(tags=["catalog"], dependencies=[Depends(reject_unknown_query)])
 MAX_LIMIT = 10_000
 GEOJSON = "application/geo+json"
 
@@ -113,7 +114,7 @@ async def collections(request: Request) -> dict[str, Any]:
     }
 
 
-@router.get("/collections/{collectionId}", summary="One collection")
+@router.get("/collections/{collectionId}", summary="One collection", responses=responses.NOT_FOUND)
 async def collection(request: Request, collectionId: str) -> JSONResponse:
     entries = await _collections(request)
     for entry in entries:
@@ -126,7 +127,12 @@ async def collection(request: Request, collectionId: str) -> JSONResponse:
     )
 
 
-@router.get("/items", summary="Item footprints as a GeoJSON FeatureCollection")
+@router.get(
+    "/items",
+    summary="Item footprints as a GeoJSON FeatureCollection",
+    response_class=JSONResponse,
+    responses=responses.body(GEOJSON, "A FeatureCollection of footprints"),
+)
 async def items(
     request: Request,
     bbox: str | None = Query(

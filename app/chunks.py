@@ -7,11 +7,13 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, model_validator
 
+from app import responses
 from app.encoders import CHUNKS_MEDIA_TYPE, chunk_frame, frame
+from app.params import reject_unknown_query
 from core.catalog import SearchQuery, parse_datetime_range
 from core.chunks import (
     GROUP_BY,
@@ -24,7 +26,7 @@ from core.chunks import (
 from core.engine import ReadParams
 from core.filters import parse as parse_filter
 
-router = APIRouter(tags=["chunks"])
+router = APIRouter(tags=["chunks"], dependencies=[Depends(reject_unknown_query)])
 log = logging.getLogger("terrazzo.chunks")
 
 FRAMING = """
@@ -111,7 +113,7 @@ def _specs(body: ChunksRequest) -> list[ChunkSpec]:
     summary="Read many array chunks; streamed as they finish",
     description=FRAMING,
     response_class=StreamingResponse,
-    responses={200: {"content": {CHUNKS_MEDIA_TYPE: {}}}, 413: {"description": "Over a limit"}},
+    responses=responses.CHUNKS,
 )
 async def chunks(request: Request, body: ChunksRequest) -> Any:
     engine = request.app.state.engine

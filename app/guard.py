@@ -88,7 +88,9 @@ class Guard:
         self.inflight = 0
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        path = scope.get("path", "")
+        # the path as routes see it: without a --root-path or X-Forwarded-Prefix in front
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        path = path[len(root) :] if root and path.startswith(root + "/") else path
         if scope["type"] != "http" or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             await self.app(scope, receive, send)
             return

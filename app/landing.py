@@ -15,16 +15,18 @@ import html
 from pathlib import Path
 
 import fastapi_offline
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from app.ogc import public_base_url
+from app.params import reject_unknown_query
 from app.stac_api import CONFORMANCE as STAC_CONFORMANCE
 from app.stac_api import STAC_VERSION
+from core.engine import ParamError
 
-router = APIRouter(tags=["landing"])
+router = APIRouter(tags=["landing"], dependencies=[Depends(reject_unknown_query)])
 DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"
 router.mount("/static/docs", StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
 
@@ -69,7 +71,10 @@ LINKS = [  # (rel, path, media type, title)
 
 
 @router.get("/", summary="Landing page: what this service offers, as links")
-async def landing(request: Request) -> Response:
+async def landing(
+    request: Request,
+    f: str | None = Query(None, description="json or html (default: by the Accept header)."),
+) -> Response:
     base = public_base_url(request).rstrip("/")  # root path and forwarded prefix kept
     links = [
         {"rel": rel, "href": base + path, "type": kind, "title": title}
@@ -79,9 +84,9 @@ async def landing(request: Request) -> Response:
         if link["rel"] == "search":
             link["method"] = "GET"
     links.append({**next(x for x in links if x["rel"] == "search"), "method": "POST"})
-    if "text/html" in request.headers.get("accept", "") and "json" not in request.query_params.get(
-        "f", ""
-    ):
+    if f not in (None, "json", "html"):
+        raise ParamError(f"f: expected json or html, got {f!r}")
+    if f == "html" or (f is None and "text/html" in request.headers.get("accept", "")):
         rows = "".join(
             f'<li><a href="{html.escape(link["href"])}">{html.escape(link["title"])}</a> '
             f"<code>{html.escape(link['rel'])}</code></li>"

@@ -201,11 +201,16 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         summary = "; ".join(f"{p['parameter']}: {p['problem']}" for p in problems)
         return JSONResponse({"detail": summary, "errors": problems}, status_code=422)
 
-    @app.get("/healthz", include_in_schema=False)
+    @app.get("/healthz", summary="Liveness: the process answers", tags=["service"])
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", include_in_schema=False)
+    @app.get(
+        "/readyz",
+        summary="Readiness: the catalog and the compute pool answer",
+        tags=["service"],
+        responses={503: {"description": "Not ready: the failing check is named"}},
+    )
     async def readyz(request: Request) -> JSONResponse:
         """Ready when the catalog answers and the compute pool runs a job, each within 2 s."""
         engine = request.app.state.engine
@@ -240,7 +245,13 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             "compute": engine.compute.stats(),
         }
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        tags=["service"],
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Text exposition"}},
+    )
     async def prometheus(request: Request) -> Response:
         """Prometheus text format: requests, latency and stage histograms, caches, pool."""
         return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)

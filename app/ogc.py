@@ -282,7 +282,11 @@ async def tilejson(
     )
 
 
-@router.get("/{tileMatrixSetId}/tilejson.json", summary="TileJSON 3.0.0 of the mosaic")
+@router.get(
+    "/{tileMatrixSetId}/tilejson.json",
+    summary="TileJSON 3.0.0 of the mosaic",
+    responses=responses.NOT_FOUND,
+)
 async def tilejson_tms(
     request: Request,
     tileMatrixSetId: str,
@@ -322,7 +326,11 @@ async def tile_matrix_sets(request: Request) -> dict[str, Any]:
     }
 
 
-@router.get("/tileMatrixSets/{tileMatrixSetId}", summary="One OGC TileMatrixSet 2.0 document")
+@router.get(
+    "/tileMatrixSets/{tileMatrixSetId}",
+    summary="One OGC TileMatrixSet 2.0 document",
+    responses=responses.NOT_FOUND,
+)
 async def tile_matrix_set(tileMatrixSetId: str) -> Response:
     tms = matrix_set(tileMatrixSetId)
     return Response(
@@ -509,7 +517,7 @@ async def _kvp_tile(
 
 WMTS_ROUTE: dict[str, Any] = {
     "response_class": Response,
-    "responses": {**responses.XML, **responses.TILE},
+    "responses": responses.WMTS,
     "openapi_extra": {"x-query-names-nocase": list(KVP + KVP_TILE)},
 }
 

@@ -39,6 +39,7 @@ GUARD: dict[int | str, dict[str, Any]] = {
     408: _error("The request body did not arrive in time"),
     413: _error("The request or its result is over a server limit"),
     414: _error("The URL is too long"),
+    415: _error("A POST body that is not JSON"),
     503: _error("Overloaded: retry after the Retry-After seconds"),
 }
 BAD = {400: _error("A parameter or a combination the server cannot honour; says the fix")}
@@ -60,12 +61,26 @@ TILE: dict[int | str, dict[str, Any]] = {
     502: _error("Every covering item failed to read (the items and errors are listed)"),
     504: _error("Not done within the tile timeout"),
 }
+NOT_FOUND = {404: _error("Nothing by that name; the message lists what exists")}
+
+
+def body(media: str, description: str = "OK") -> dict[int | str, dict[str, Any]]:
+    """A 200 of `media` (GeoJSON, JSON Schema...), not FastAPI's default application/json."""
+    return {200: {"description": description, "content": {media: {}}}}
+
+
 CHUNKS: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "A stream of frames (see the route's description); JSON with dry_run",
         "content": {CHUNKS_MEDIA_TYPE: {}, "application/json": {}},
     },
     **BAD,
-    415: _error("The body is not JSON"),
 }
-XML = {200: {"description": "WMTS 1.0.0 capabilities", "content": {"application/xml": {}}}}
+# a WMTS capabilities route also answers a KVP GetTile with the tile
+WMTS: dict[int | str, dict[str, Any]] = {
+    **TILE,
+    200: {
+        "description": "WMTS 1.0.0 capabilities, or the tile a KVP GetTile names",
+        "content": {"application/xml": {}, **TILE[200]["content"]},
+    },
+}

@@ -29,7 +29,8 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from shapely.geometry.base import BaseGeometry
 
-from app.catalog_routes import parse_bbox
+from app import responses
+from app.catalog_routes import GEOJSON, parse_bbox
 from app.ogc import public_base_url
 from app.params import FILTER_LANGS, reject_unknown_query
 from core.catalog import SearchQuery, parse_datetime_range
@@ -38,7 +39,6 @@ from core.filters import parse as parse_filter
 
 router = APIRouter(tags=["stac"], dependencies=[Depends(reject_unknown_query)])
 STAC_VERSION = "1.1.0"
-GEOJSON = "application/geo+json"
 DEFAULT_LIMIT = 10
 MAX_LIMIT = 10_000  # items per page; a larger `limit` is served as this (OGC API Features)
 MAX_TOKEN = 4_096  # characters of a page token
@@ -302,6 +302,7 @@ def with_links(item: dict[str, Any], base: str) -> dict[str, Any]:
 
 async def _page(
     request: Request,
+    route: str,
     query: SearchQuery,
     limit: int,
     token: str | None,
@@ -313,7 +314,7 @@ async def _page(
     base = public_base_url(request)
     links = [
         {"rel": "root", "href": base, "type": "application/json"},
-        {"rel": "self", "href": str(request.url), "type": GEOJSON},
+        {"rel": "self", "href": _self_href(request, route), "type": GEOJSON},
     ]
     if page.next_key is not None:
         links.append(next_link(encode_token(query, page.next_key)))
@@ -326,6 +327,12 @@ async def _page(
     if page.matched is not None:  # with `intersects`, counting would test every footprint
         body["numberMatched"] = page.matched
     return JSONResponse(body, media_type=GEOJSON)
+
+
+def _self_href(request: Request, route: str) -> str:
+    """This request's URL under the public base (root path, forwarded prefix)."""
+    query = request.url.query
+    return f"{public_base_url(request)}{route}" + (f"?{query}" if query else "")
 
 
 def _get_next(request: Request, route: str, limit: int) -> Any:
@@ -358,7 +365,12 @@ _FILTER_CRS = Query(None, alias="filter-crs", description="Only CRS84 is support
 _SORTBY = Query(None, description="Fields, `-` for descending, e.g. `-datetime,id`.")
 
 
-@router.get("/search", summary="STAC item search (GET)", response_class=JSONResponse)
+@router.get(
+    "/search",
+    summary="STAC item search (GET)",
+    response_class=JSONResponse,
+    responses=responses.body(GEOJSON, "An ItemCollection, `next` link while more match"),
+)
 async def search_get(
     request: Request,
     bbox: str | None = _BBOX,
@@ -388,10 +400,52 @@ async def search_get(
         "token": token,
     }
     query, size, token = search_from(params)
-    return await _page(request, query, size, token, _get_next(request, "search", size))
+    next_link = _get_next(request, "search", size)
+    return await _page(request, "search", query, size, token, next_link)
 
 
-@router.post("/search", summary="STAC item search (POST, JSON body)", response_class=JSONResponse)
+_STRINGS = {"type": "array", "items": {"type": "string"}}
+SEARCH_BODY = {  # documented for clients and schema-driven tests; parsed by `search_from`
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "bbox": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 6},
+        "intersects": {"type": "object", "description": "A GeoJSON geometry (lon/lat)."},
+        "datetime": {"type": "string"},
+        "collections": _STRINGS,
+        "ids": _STRINGS,
+        "filter": {"oneOf": [{"type": "string"}, {"type": "object"}]},
+        "filter-lang": {"type": "string", "enum": ["cql2-text", "cql2-json"]},
+        "filter-crs": {"type": "string"},
+        "sortby": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["field"],
+                "properties": {
+                    "field": {"type": "string"},
+                    "direction": {"type": "string", "enum": ["asc", "desc"]},
+                },
+            },
+        },
+        "limit": {"type": "integer", "minimum": 1},
+        "token": {"type": "string"},
+    },
+}
+
+
+@router.post(
+    "/search",
+    summary="STAC item search (POST, JSON body)",
+    response_class=JSONResponse,
+    responses=responses.body(GEOJSON, "An ItemCollection, `next` link while more match"),
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": SEARCH_BODY}},
+        }
+    },
+)
 async def search_post(request: Request) -> JSONResponse:
     """The body's keys are STAC API's (see BODY_KEYS); the `next` link is a POST whose body
     `{"token": ...}` is merged into this one."""
@@ -416,7 +470,7 @@ async def search_post(request: Request) -> JSONResponse:
             "merge": True,
         }
 
-    return await _page(request, query, size, token, next_link)
+    return await _page(request, "search", query, size, token, next_link)
 
 
 async def _known_collection(request: Request, collection_id: str) -> dict[str, Any]:
@@ -443,6 +497,7 @@ def _not_found(exc: Exception) -> JSONResponse:
     "/collections/{collectionId}/items",
     summary="A collection's items (OGC API Features), paged",
     response_class=JSONResponse,
+    responses={**responses.body(GEOJSON, "An ItemCollection"), **responses.NOT_FOUND},
 )
 async def collection_items(
     request: Request,
@@ -486,13 +541,14 @@ async def collection_items(
         }
     )
     route = f"collections/{quote(collectionId, safe='')}/items"
-    return await _page(request, query, size, token, _get_next(request, route, size))
+    return await _page(request, route, query, size, token, _get_next(request, route, size))
 
 
 @router.get(
     "/collections/{collectionId}/items/{itemId}",
     summary="One STAC Item",
     response_class=JSONResponse,
+    responses={**responses.body(GEOJSON, "A STAC Item"), **responses.NOT_FOUND},
 )
 async def collection_item(request: Request, collectionId: str, itemId: str) -> JSONResponse:
     try:
@@ -533,7 +589,12 @@ def _json_type(duck_type: str) -> dict[str, Any]:
     return {}
 
 
-@router.get("/queryables", summary="The properties a filter can name (JSON Schema)")
+@router.get(
+    "/queryables",
+    summary="The properties a filter can name (JSON Schema)",
+    response_class=JSONResponse,
+    responses=responses.body("application/schema+json", "A JSON Schema of the queryables"),
+)
 async def queryables(request: Request) -> JSONResponse:
     """Each catalog column a CQL2 filter or sortby can use, with its JSON type."""
     columns = request.app.state.engine.catalog.columns

@@ -150,6 +150,7 @@ async def _assets(
 @router.get(
     "/tiles/{tileMatrixSetId}/{z}/{x}/{y}/assets",
     summary="The items (and asset hrefs) a tile reads, in mosaic order",
+    responses=responses.NOT_FOUND,
 )
 async def tile_assets_tms(
     request: Request,
@@ -163,7 +164,11 @@ async def tile_assets_tms(
     return await _assets(_engine(request), tileMatrixSetId, z, x, y, query, params)
 
 
-@router.get("/tiles/{z}/{x}/{y}/assets", summary="The items a WebMercatorQuad tile reads")
+@router.get(
+    "/tiles/{z}/{x}/{y}/assets",
+    summary="The items a WebMercatorQuad tile reads",
+    responses=responses.NOT_FOUND,
+)
 async def tile_assets(
     request: Request,
     z: Z,
@@ -233,7 +238,11 @@ async def tile(
     return await render_tile(request, DEFAULT_TMS, z, x, y, format, tilesize, query, params, render)
 
 
-@router.get("/plan/{tileMatrixSetId}/{z}/{x}/{y}", summary="The read plan behind a tile")
+@router.get(
+    "/plan/{tileMatrixSetId}/{z}/{x}/{y}",
+    summary="The read plan behind a tile",
+    responses=responses.NOT_FOUND,
+)
 async def plan(
     request: Request,
     tileMatrixSetId: str,

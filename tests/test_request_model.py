@@ -19,6 +19,7 @@ from PIL import Image
 from tests.conftest import Server
 
 TILE = "10/537/368"  # over the demo's UTM 32N items: every asset has data here
+KEY = "s3cret"
 WMTS_NS = {"w": "http://www.opengis.net/wmts/1.0", "ows": "http://www.opengis.net/ows/1.1"}
 
 REFUSED = [
@@ -173,7 +174,7 @@ def test_gdal_wmts_driver_reads_the_same_pixels(server: Server, http: httpx.Clie
 
 @pytest.fixture(scope="module")
 def rooted(demo_catalog: Path) -> Iterator[Server]:
-    srv = Server(demo_catalog, args=("--root-path", "/maps"))
+    srv = Server(demo_catalog, env={"TERRAZZO_API_KEY": KEY}, args=("--root-path", "/maps"))
     yield srv
     srv.stop()
 
@@ -185,13 +186,13 @@ def test_root_path_and_forwarded_prefix_in_every_generated_url(
     (so the client's next request goes through the proxy), and with it stripped they serve."""
     z, x, y = TILE.split("/")
     for base, headers in [
-        (rooted.url, {}),
+        (rooted.url, {"X-API-Key": KEY}),
         (server.url, {"X-Forwarded-Prefix": "/maps"}),
     ]:
         doc = httpx.get(f"{base}/tilejson.json", headers=headers).json()
         assert doc["tiles"][0].startswith(f"{base}/maps/tiles/"), doc["tiles"][0]
         stripped = doc["tiles"][0].format(z=z, x=x, y=y).replace("/maps/", "/", 1)
-        assert httpx.get(stripped).status_code == 200
+        assert httpx.get(stripped, headers=headers).status_code == 200
         caps = httpx.get(f"{base}/WMTSCapabilities.xml", headers=headers).content
         assert _template(caps).startswith(f"{base}/maps/tiles/")
         landing = httpx.get(f"{base}/", headers={**headers, "Accept": "application/json"})
@@ -199,6 +200,10 @@ def test_root_path_and_forwarded_prefix_in_every_generated_url(
         assert links and all(h.startswith(f"{base}/maps/") for h in links), links
         docs = httpx.get(f"{base}/docs", headers=headers).text
         assert "/maps/openapi.json" in docs
+    # under a root path the guard still knows its open paths (and only those)
+    assert httpx.get(f"{rooted.url}/healthz").status_code == 200
+    assert httpx.get(f"{rooted.url}/docs").status_code == 200
+    assert httpx.get(f"{rooted.url}/tilejson.json").status_code == 401
     # a header that is not a plain path is ignored, not echoed into URLs
     odd = httpx.get(f"{server.url}/tilejson.json", headers={"X-Forwarded-Prefix": "/a/../b"})
     assert odd.json()["tiles"][0].startswith(f"{server.url}/tiles/")

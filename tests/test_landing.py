@@ -92,3 +92,71 @@ def test_head_answers_like_get_without_a_body(http: httpx.Client, path: str) -> 
     assert head.content == b""
     assert head.headers["content-type"] == get.headers["content-type"]
     assert head.headers.get("content-length") == get.headers.get("content-length")
+
+
+PAGE = """<!doctype html><html><head><meta charset="utf-8">
+<script src="{base}/static/vendor/maplibre-gl.js"></script></head>
+<body style="margin:0"><div id="map" style="width:512px;height:512px"></div><script>
+window.errors = []; window.idle = false;
+const map = new maplibregl.Map({{
+  container: "map", center: [6.45, 45.0], zoom: 11, canvasContextAttributes: {{
+    preserveDrawingBuffer: true }},
+  style: {{ version: 8, sources: {{ mosaic: {{
+    type: "raster", tileSize: 256, url: "{base}/tilejson.json?assets=visual" }} }},
+    layers: [{{ id: "mosaic", type: "raster", source: "mosaic" }}] }},
+}});
+map.on("error", (e) => window.errors.push(String(e.error && e.error.message)));
+map.on("idle", () => {{ window.idle = true; }});
+</script></body></html>"""
+
+
+def test_maplibre_on_another_origin_draws_the_mosaic_from_tilejson(
+    browser: Any, server: Server
+) -> None:
+    """A MapLibre page served from another origin (another port), as a user's own web map
+    is: MapLibre fetches the TileJSON and the tiles with fetch(), which CORS must allow."""
+    import http.server
+    import threading
+
+    body = PAGE.format(base=server.url).encode()
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    page = browser.new_page()
+    tiles: list[tuple[int, str | None]] = []
+    page.on(
+        "response",
+        lambda r: (
+            "/tiles/" in r.url
+            and tiles.append((r.status, r.headers.get("access-control-allow-origin")))
+        ),
+    )
+    try:
+        page.goto(f"http://127.0.0.1:{other.server_address[1]}/")
+        page.wait_for_function("window.idle || window.errors.length > 0", timeout=60_000)
+        errors = page.evaluate("window.errors")
+        drawn = page.evaluate(
+            """() => { const c = document.querySelector('canvas');
+            const g = document.createElement('canvas'); g.width = c.width; g.height = c.height;
+            const x = g.getContext('2d'); x.drawImage(c, 0, 0);
+            const d = x.getImageData(0, 0, g.width, g.height).data; let n = 0;
+            for (let i = 3; i < d.length; i += 4) if (d[i] > 0 && d[i - 1] + d[i - 2] > 0) n++;
+            return n / (g.width * g.height); }"""
+        )
+    finally:
+        page.close()
+        other.shutdown()
+    assert not errors, errors
+    assert tiles and all(status == 200 for status, _ in tiles), tiles
+    assert all(allow == "*" for _, allow in tiles)
+    assert drawn > 0.3, f"only {drawn:.0%} of the map has mosaic pixels"

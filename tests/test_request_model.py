@@ -152,6 +152,31 @@ def test_kvp_gettile_is_the_restful_tile(http: httpx.Client) -> None:
     assert missing.status_code == 400 and "TILEROW" in missing.json()["detail"]
 
 
+def test_owslib_reads_the_capabilities_and_gets_the_tile(
+    server: Server, http: httpx.Client
+) -> None:
+    """OWSLib as a user calls it: it asks for the capabilities with its own KVP keys, then
+    GetTile as KVP on the operation's href, and must get the RESTful tile's bytes."""
+    from owslib.wmts import WebMapTileService
+
+    z, x, y = TILE.split("/")
+    wmts = WebMapTileService(f"{server.url}/WMTSCapabilities.xml?assets=visual")
+    layer = wmts.contents["terrazzo"]
+    assert "WebMercatorQuad" in layer.tilematrixsetlinks
+    assert layer.resourceURLs[0]["template"].endswith(".png?assets=visual")
+    tile = wmts.gettile(
+        layer="terrazzo",
+        tilematrixset="WebMercatorQuad",
+        tilematrix=z,
+        row=int(y),
+        column=int(x),
+        format="image/png",
+    )
+    assert "REQUEST=GetTile" in tile.geturl()
+    rest = http.get(f"/tiles/WebMercatorQuad/{TILE}.png", params={"assets": "visual"})
+    assert tile.read() == rest.content
+
+
 def test_gdal_wmts_driver_reads_the_same_pixels(server: Server, http: httpx.Client) -> None:
     """GDAL's WMTS driver, pointed at the capabilities as a GIS user would (zoom 10 chosen
     with its TILEMATRIX option), reads back the tile Terrazzo serves, bit for bit. Its

@@ -72,6 +72,11 @@ class ChunksRequest(BaseModel):
     skipcovered: bool | None = Field(None, description="Default: on for method first.")
     assets: list[str] = []
     bidx: list[int] = []
+    expression: str | None = Field(
+        None,
+        max_length=2000,
+        description="Band math per item (as on the tile routes), float32 out.",
+    )
     method: str = "first"
     resampling: str = "nearest"
     dtype: str | None = Field(None, description="Output dtype, e.g. float32 (default: the data's).")
@@ -140,12 +145,13 @@ async def chunks(request: Request, body: ChunksRequest) -> Any:
     params = ReadParams(
         assets=engine.resolve_assets(tuple(body.assets)),
         bidx=tuple(body.bidx),
+        expression=(body.expression or "").strip() or None,
         method=body.method.lower(),
         resampling=body.resampling.lower(),
         nodata=body.nodata,
         unscale=body.unscale,
     )
-    # a bad sortby, filter or bidx: one 400 for the request, not an error per chunk
+    # a bad sortby, filter, bidx or expression: one 400 for the request, not an error per chunk
     await engine.check(query, params)
     results = stream_chunks(
         engine,

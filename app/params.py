@@ -132,6 +132,11 @@ async def read_params(
         None, description="Assets to read (default: the catalog's first image asset)."
     ),
     bidx: list[str] | None = Query(None, description="1-based band indexes of the output."),
+    expression: str | None = Query(
+        None,
+        description="Band math per item, TiTiler's syntax: `;` between output bands, bands as "
+        "b1.., {asset}_b{n}, or a one-band asset's name, e.g. (b2-b1)/(b2+b1). float32.",
+    ),
     method: str | None = Query(
         None,
         description="Pixel selection: first, last, highest, lowest, mean, median, stdev, count.",
@@ -155,6 +160,7 @@ async def read_params(
         unscale=_boolean("unscale", unscale),
         assets=_split(assets),
         bidx=_numbers("bidx", _split(bidx), int),
+        expression=(expression or "").strip() or None,
         method=(method or pixel_selection or "first").lower(),
         resampling=resampling.lower(),
         nodata=nodata_value,

@@ -42,9 +42,10 @@ from typing import Any, TypeVar
 import numpy as np
 from affine import Affine
 
-from core import faults
+from core import faults, process
 from core.mosaic import METHODS
 from core.plan import AssetRead
+from core.process import Process
 from core.warp import Window, aligned, warp_part
 
 T = TypeVar("T")
@@ -117,7 +118,7 @@ def warp_item(
     sources: Sequence[Source],
     target: Target,
     resampling: str,
-    bidx: Sequence[int] = (),
+    steps: Sequence[Process] = (),
     unscale: Sequence[tuple[float, float]] | None = None,
 ) -> Layer:
     """Warp each asset of one item and stack their bands (valid where every asset is), on
@@ -125,7 +126,8 @@ def warp_item(
     back through the pipe (an item covering a sliver of a 1024² chunk sent the whole chunk).
 
     `unscale` is (scale, offset) per stacked band: applied after warping, in float32, the way
-    rio-tiler does (its kernels run on the stored values), before any mosaic."""
+    rio-tiler does (its kernels run on the stored values), before any mosaic; then the
+    item's `steps` (core.process: bidx's selection, an expression)."""
     parts = [warp_one(s, target, resampling) for s in sources]
     window = _union([w for _, _, w in parts])
     dtype = np.result_type(*(d.dtype for d, _, _ in parts))
@@ -137,8 +139,7 @@ def warp_item(
         data = data.astype(np.float32)
         np.multiply(data, scaling[:, 0], out=data, casting="unsafe")
         np.add(data, scaling[:, 1], out=data, casting="unsafe")
-    if bidx:
-        data = data[[b - 1 for b in bidx]]
+    data, valid = process.run(steps, data, valid)
     return data, valid, window
 
 

@@ -35,6 +35,15 @@ from core.plan import (
     make_plan,
     transformer,
 )
+from core.process import (
+    MAX_EXPRESSION_CHARS,
+    Bands,
+    Expression,
+    Process,
+    ProcessError,
+    band_variables,
+    item_layout,
+)
 from core.pyramid import TMS, Pyramid, tile_zoom
 from core.settings import Settings
 from core.stores import object_store_report
@@ -68,6 +77,7 @@ class ReadParams:
     resampling: str = "nearest"
     nodata: float | None = None
     unscale: bool = False  # apply each band's scale/offset (file, else raster:bands): float32
+    expression: str | None = None  # band math per item (core.process.Expression), float32
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -78,6 +88,20 @@ class ReadParams:
             )
         if any(b < 1 for b in self.bidx):
             raise ParamError(f"bidx: band indexes start at 1, got {list(self.bidx)}")
+        if self.bidx and self.expression:
+            raise ParamError("bidx, expression: choose one (an expression names its bands)")
+        if self.expression is not None and len(self.expression) > MAX_EXPRESSION_CHARS:
+            raise ParamError(f"expression: longer than {MAX_EXPRESSION_CHARS} characters")
+
+    def item_steps(self, reads: Sequence[AssetRead | BandSource]) -> list[Process]:
+        """The processes each item's stacked bands go through before the mosaic: `bidx`'s
+        band selection or the expression (its band names from these reads' assets)."""
+        if self.bidx:
+            return [Bands(self.bidx)]
+        if self.expression:
+            variables = band_variables([(r.asset, r.count) for r in reads])
+            return [Expression(self.expression, tuple(variables))]
+        return []
         for name, values, limit in (
             ("assets", self.assets, MAX_ASSETS),
             ("bidx", self.bidx, MAX_BANDS),
@@ -409,10 +433,12 @@ class Engine:
                 ]
                 scaling = _scaling(item) if params.unscale else None
                 with clock.stage("warp"):
-                    if scaling is None and compute.is_copy(sources, target, params.resampling):
-                        return compute.warp_item(sources, target, params.resampling, params.bidx)
+                    steps = params.item_steps(item.reads)
+                    inline = scaling is None and not params.expression
+                    if inline and compute.is_copy(sources, target, params.resampling):
+                        return compute.warp_item(sources, target, params.resampling, steps)
                     return await self.compute.run(
-                        compute.warp_item, sources, target, params.resampling, params.bidx, scaling
+                        compute.warp_item, sources, target, params.resampling, steps, scaling
                     )
 
         items = plan.items if METHODS[params.method].repeats_count else _distinct(plan.items)
@@ -578,18 +604,20 @@ def band_layout(
             [r.asset] if r.count == 1 else [f"{r.asset}.{b}" for b in range(1, r.count + 1)]
         )
     ]
-    if params.bidx and max(params.bidx) > len(names):
-        assets = ", ".join(dict.fromkeys(r.asset for r in reads))
-        raise ParamError(
-            f"bidx: band {max(params.bidx)} does not exist; assets {assets} have "
-            f"{len(names)} band(s)"
-        )
-    if params.bidx:
-        names = [names[b - 1] for b in params.bidx]
     if params.unscale:  # scale/offset applied in float32 (compute.warp_item)
         layer = np.dtype("float32")
     else:
         layer = np.result_type(*(np.dtype(r.dtype) for r in reads))
+    try:
+        names, layer = item_layout(params.item_steps(reads), names, layer)
+    except ProcessError as exc:
+        if params.bidx:  # the only way band selection fails: name the assets read
+            assets = ", ".join(dict.fromkeys(r.asset for r in reads))
+            raise ParamError(
+                f"bidx: band {max(params.bidx)} does not exist; assets {assets} have "
+                f"{len(names)} band(s)"
+            ) from exc
+        raise ParamError(str(exc)) from exc
     out = np.dtype(dtype) if dtype else METHODS[params.method].output_dtype(layer)
     return {"bands": len(names), "dtype": out.str, "names": names}
 

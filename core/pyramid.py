@@ -191,6 +191,7 @@ class Pyramid:
             and params.resampling == r["resampling"]
             and params.nodata is None
             and bool(params.unscale) == bool(r.get("unscale", False))
+            and not getattr(params, "expression", None)  # band math runs per item: dynamic
         )
 
     def block_query(self, grid: Grid, z: int, x: int, y: int) -> SearchQuery:

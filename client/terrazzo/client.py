@@ -323,7 +323,8 @@ class AsyncClient:
         (`anchor`), or `shape=(height, width)`.
 
         `params` are the request's read and search fields: assets, bidx (or odc-stac's
-        `bands`), datetime, collections, ids, filter, sortby, method, resampling, dtype,
+        `bands`), expression (band math per item, TiTiler's syntax: one float32 band per
+        `;`-separated block), datetime, collections, ids, filter, sortby, method, resampling, dtype,
         nodata, groupby/group_by (default "time": a layer per datetime; "solar_day", "day",
         "month", "year", "id"; None: one mosaic layer). `chunks={"x": .., "y": ..}` or
         `chunk_size` sets the pixels per chunk request.

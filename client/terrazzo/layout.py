@@ -32,6 +32,7 @@ SEARCH_AND_READ = (
     "sortby",
     "assets",
     "bidx",
+    "expression",
     "method",
     "resampling",
     "dtype",
@@ -221,6 +222,9 @@ def check_size(
         limit = free // 2 if free else None
     if limit is None:
         return
+    if not bands and params.get("expression"):  # one float32 band per ;-separated block
+        bands = len([b for b in str(params["expression"]).split(";") if b.strip()])
+        itemsize = itemsize or 4
     if not bands:
         bidx, assets = params.get("bidx"), params.get("assets")
         bands = len(bidx) if isinstance(bidx, list | tuple) else 1 if bidx else 0
@@ -335,6 +339,7 @@ def to_dataarray(
             "grid_mapping": "spatial_ref",
             "assets": list(params.get("assets") or []),
             **({"bidx": list(params["bidx"])} if params.get("bidx") else {}),
+            **({"expression": params["expression"]} if params.get("expression") else {}),
             **({"group_by": params["group_by"]} if params.get("group_by") else {}),
             "_FillValue": _fill_value(data.dtype, params),
         },

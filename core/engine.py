@@ -44,6 +44,7 @@ from core.process import (
     band_variables,
     item_layout,
 )
+from core.process import run as process_run
 from core.pyramid import TMS, Pyramid, tile_zoom
 from core.settings import Settings
 from core.stores import object_store_report
@@ -566,7 +567,18 @@ class Engine:
                     "band_names": [f"b{i}" for i in range(1, read.count + 1)],
                     "level": read.level,
                 }
-            return {**_about(item), "assets": assets}
+            out: dict[str, Any] = {**_about(item), "assets": assets}
+            steps = params.item_steps(item.reads)
+            if steps:  # bidx or an expression: the item's output bands, as a tile has them
+                stacked = [v for r in item.reads for v in assets[r.asset]["values"]]
+                names = band_layout(item.reads, params)["names"]
+                values: list[float | None] = [None] * len(names)
+                if all(v is not None for v in stacked):
+                    data = np.asarray(stacked, dtype=np.float64).reshape(-1, 1, 1)
+                    result, _ = process_run(steps, data, np.ones((1, 1), dtype=bool))
+                    values = [v if math.isfinite(v) else None for v in result[:, 0, 0].tolist()]
+                out.update(values=values, band_names=names)
+            return out
 
         results = await asyncio.gather(*(one(i) for i in plan.items), return_exceptions=True)
         out = []

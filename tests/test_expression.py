@@ -138,3 +138,14 @@ def test_names_for_bands() -> None:
     np.testing.assert_array_equal(out[0], np.float32(0.5))
     with pytest.raises(ProcessError, match="unknown band"):
         Expression("B04", tuple(names)).check()
+
+
+def test_point_gives_each_items_expression_of_its_own_values(http: httpx.Client) -> None:
+    params = {"assets": "visual", "expression": f"{NDVI_LIKE};b3"}
+    items = http.get("/point/6.45,45.0", params=params).json()["items"]
+    assert items
+    for item in items:
+        red, green, blue = item["assets"]["visual"]["values"]
+        assert item["band_names"] == [NDVI_LIKE, "b3"]
+        expected = np.float32((green - red) / (green + red))
+        assert item["values"] == [float(expected), float(blue)]

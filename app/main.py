@@ -17,7 +17,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
-from app import catalog_routes, chunks, landing, ogc, responses, stac_api, tiles, viewer
+from app import (
+    analysis,
+    catalog_routes,
+    chunks,
+    crops,
+    landing,
+    ogc,
+    responses,
+    stac_api,
+    tiles,
+    viewer,
+)
 from app.encoders import EncodeError
 from app.guard import Guard
 from app.head import HeadAsGet
@@ -145,6 +156,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.include_router(ogc.router)
     app.include_router(catalog_routes.router)
     app.include_router(stac_api.router)
+    app.include_router(analysis.router)
+    app.include_router(crops.router)
     app.include_router(viewer.router)
     app.add_middleware(HeadAsGet)
     app.add_middleware(Guard, settings=settings)

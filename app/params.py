@@ -18,9 +18,11 @@ from fastapi.routing import APIRoute
 
 from app.encoders import check_colormap, check_render
 from app.guard import TOKEN_PARAMETER
+from core import algorithms
 from core.catalog import SearchQuery, parse_datetime_range
 from core.engine import Engine, ParamError, ReadParams
 from core.filters import parse as parse_filter
+from core.process import ProcessError
 
 FILTER_LANGS = ("cql2-text", "cql2-json")
 # every route takes these: the API key for <img> clients (app.guard)
@@ -137,6 +139,14 @@ async def read_params(
         description="Band math per item, TiTiler's syntax: `;` between output bands, bands as "
         "b1.., {asset}_b{n}, or a one-band asset's name, e.g. (b2-b1)/(b2+b1). float32.",
     ),
+    algorithm: str | None = Query(
+        None,
+        description="On the mosaic (TiTiler's names): hillshade, contours, terrarium, "
+        "terrainrgb, normalizedIndex.",
+    ),
+    algorithm_params: str | None = Query(
+        None, description='The algorithm\'s parameters as JSON, e.g. {"azimuth": 315}.'
+    ),
     method: str | None = Query(
         None,
         description="Pixel selection: first, last, highest, lowest, mean, median, stdev, count.",
@@ -161,10 +171,22 @@ async def read_params(
         assets=_split(assets),
         bidx=_numbers("bidx", _split(bidx), int),
         expression=(expression or "").strip() or None,
+        algorithm=_algorithm(algorithm, algorithm_params),
         method=(method or pixel_selection or "first").lower(),
         resampling=resampling.lower(),
         nodata=nodata_value,
     )
+
+
+def _algorithm(name: str | None, params: str | None) -> Any:
+    if name is None:
+        if params is not None:
+            raise ParamError("algorithm_params: given without an algorithm")
+        return None
+    try:
+        return algorithms.make(name, params)
+    except ProcessError as exc:
+        raise ParamError(str(exc)) from exc
 
 
 async def render_params(

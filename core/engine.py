@@ -79,6 +79,7 @@ class ReadParams:
     nodata: float | None = None
     unscale: bool = False  # apply each band's scale/offset (file, else raster:bands): float32
     expression: str | None = None  # band math per item (core.process.Expression), float32
+    algorithm: Any = None  # a core.algorithms step run on the mosaic (hillshade...)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -323,10 +324,21 @@ class Engine:
     # -- reading -----------------------------------------------------------------------------
 
     async def read(self, grid: Grid, query: SearchQuery, params: ReadParams) -> Mosaic | None:
-        """Mosaic of every item covering `grid`; None when no item has data there."""
+        """Mosaic of every item covering `grid`; None when no item has data there. An
+        algorithm runs on the mosaic in the pool; one that looks at neighbours (`buffer`)
+        gets the grid that much larger and crops it back, so tiles meet without seams."""
         clock = StageClock()
-        plan = await self.plan_read(grid, query, params, clock)  # the pyramid's, if it serves
-        return await self.complete(plan, query, params, clock)
+        algorithm = params.algorithm
+        read_grid = grid.buffered(getattr(algorithm, "buffer", 0)) if algorithm else grid
+        plan = await self.plan_read(read_grid, query, params, clock)  # the pyramid's?
+        mosaic = await self.complete(plan, query, params, clock)
+        if mosaic is None or algorithm is None:
+            return mosaic
+        with clock.stage("algorithm"):
+            mosaic.data, mosaic.valid = await self.compute.run(
+                algorithm.apply, mosaic.data, mosaic.valid
+            )
+        return mosaic if mosaic.valid.any() else None
 
     async def complete(
         self, plan: ReadPlan, query: SearchQuery, params: ReadParams, clock: StageClock
@@ -508,6 +520,7 @@ class Engine:
             resampling=params.resampling,
             nodata=params.nodata,
             unscale=params.unscale,
+            expression=params.expression,  # band math runs per item: never the pyramid's
         )
         if not self.pyramid.serves(TMS, tile[0], query, resolved):
             return await self.plan(grid, query, params, clock)
@@ -630,7 +643,13 @@ def band_layout(
                 f"{len(names)} band(s)"
             ) from exc
         raise ParamError(str(exc)) from exc
-    out = np.dtype(dtype) if dtype else METHODS[params.method].output_dtype(layer)
+    out = METHODS[params.method].output_dtype(layer)
+    if params.algorithm is not None:  # after the mosaic, on its bands
+        try:
+            names, out = params.algorithm.layout(names, out)
+        except ProcessError as exc:
+            raise ParamError(str(exc)) from exc
+    out = np.dtype(dtype) if dtype else out
     return {"bands": len(names), "dtype": out.str, "names": names}
 
 

@@ -87,6 +87,17 @@ class Grid:
         transform = Affine((right - left) / width, 0, left, 0, -(top - bottom) / height, top)
         return cls(crs=crs, transform=transform, width=width, height=height)
 
+    def buffered(self, pixels: int) -> Grid:
+        """This grid grown by `pixels` on every side, on the same pixel lattice."""
+        if not pixels:
+            return self
+        return Grid(
+            crs=self.crs,
+            transform=self.transform * Affine.translation(-pixels, -pixels),
+            width=self.width + 2 * pixels,
+            height=self.height + 2 * pixels,
+        )
+
     @property
     def bounds(self) -> tuple[float, float, float, float]:
         t = self.transform

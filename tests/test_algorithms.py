@@ -1,0 +1,164 @@
+"""Algorithms on the mosaic (TiTiler's names): hillshade tiles meet without seams (a 3x3
+block of tiles equals hillshade of one read of the whole block), the DEM encodings decode back
+to the heights, normalizedIndex is the formula on the raw bands, and bad algorithm parameters
+are 400s naming the fix on tiles and TileJSON alike."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import morecantile
+import numpy as np
+import pytest
+from PIL import Image
+from terrazzo.framing import parse_frames
+
+from core.algorithms import Hillshade
+
+TMS = morecantile.tms.get("WebMercatorQuad")
+Z, X0, Y0 = 12, 2132, 1472  # a 3x3 block inside one of the demo's DEMs (UTM 32N, 7.4 E 45 N)
+
+
+def png(response: httpx.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text[:300]
+    return np.asarray(Image.open(io.BytesIO(response.content)))
+
+
+def npy(response: httpx.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text[:300]
+    return np.load(io.BytesIO(response.content))
+
+
+def _block(http: httpx.Client, tms_id: str, z: int, x0: int, y0: int, **extra: str) -> np.ndarray:
+    """The 3x3 hillshade tiles from (x0, y0), side by side (768 x 768)."""
+    out = np.zeros((768, 768), dtype=np.uint8)
+    for row in range(3):
+        for col in range(3):
+            params = {"assets": "dem", "algorithm": "hillshade", **extra}
+            url = f"/tiles/{tms_id}/{z}/{x0 + col}/{y0 + row}.png"
+            out[row * 256 : (row + 1) * 256, col * 256 : (col + 1) * 256] = png(
+                http.get(url, params=params)
+            )[..., 0]
+    return out
+
+
+def _one_read(http: httpx.Client, tms_id: str, z: int, x0: int, y0: int, crs: str) -> np.ndarray:
+    """Hillshade of one read of the whole block plus the algorithm's buffer, cropped."""
+    tms = morecantile.tms.get(tms_id)
+    first, last = tms.xy_bounds(x0, y0, z), tms.xy_bounds(x0 + 2, y0 + 2, z)
+    res = (last.right - first.left) / 768
+    b = Hillshade().buffer
+    bbox = [first.left - b * res, last.bottom - b * res, last.right + b * res, first.top + b * res]
+    body = {
+        "crs": crs,
+        "chunks": [{"id": "block", "bbox": bbox, "width": 768 + 2 * b, "height": 768 + 2 * b}],
+        "assets": ["dem"],
+    }
+    chunk = parse_frames(http.post("/chunks", json=body).content)[0]
+    assert chunk.status == "ok", chunk.error
+    assert chunk.mask[0].all(), "the block and its buffer must be inside the DEM"
+    shaded, _ = Hillshade().apply(chunk.data[0], chunk.mask[0])
+    return shaded[0]
+
+
+SEAMS = np.zeros((768, 768), dtype=bool)
+for _k in (0, 255, 256, 511, 512, 767):  # rows and columns on either side of each tile edge
+    SEAMS[_k, :] = SEAMS[:, _k] = True
+
+
+def test_hillshade_tiles_have_no_seams_in_the_sources_crs(http: httpx.Client) -> None:
+    """UTM31WGS84Quad tiles over a zone-31 DEM: the warp is affine, so every pixel of a
+    tile's buffered read is the pixel a larger read has there, and the 3x3 tiles side by side
+    equal hillshade of one 774² read of the block, bit for bit."""
+    tiles = _block(http, "UTM31WGS84Quad", 13, 2087, 3074)
+    np.testing.assert_array_equal(
+        tiles, _one_read(http, "UTM31WGS84Quad", 13, 2087, 3074, "EPSG:32631")
+    )
+    # the buffer is what does it: without, every tile's edges are one-sided gradients
+    bare = _block(http, "UTM31WGS84Quad", 13, 2087, 3074, algorithm_params='{"buffer": 0}')
+    assert (bare != tiles)[SEAMS].mean() > 0.3
+    assert (bare == tiles)[~SEAMS].all()
+
+
+def test_hillshade_seams_across_a_reprojection_are_no_worse_than_the_interior(
+    http: httpx.Client,
+) -> None:
+    """WebMercatorQuad tiles over a UTM DEM: GDAL's approximate transformer (which tiles
+    follow, to equal rio-tiler's) depends on the window, so a tile and one larger read sample
+    ~2% of pixels differently everywhere; at the tile edges they differ no more than inside
+    (without the buffer: several times more)."""
+    reference = _one_read(http, "WebMercatorQuad", Z, X0, Y0, "EPSG:3857").astype(int)
+    tiles = np.abs(_block(http, "WebMercatorQuad", Z, X0, Y0).astype(int) - reference)
+    bare = _block(http, "WebMercatorQuad", Z, X0, Y0, algorithm_params='{"buffer": 0}')
+    bare_d = np.abs(bare.astype(int) - reference)
+    assert (tiles == 0)[~SEAMS].mean() > 0.8  # mostly the same pixels
+    assert tiles[SEAMS].mean() < 1.5 * tiles[~SEAMS].mean() + 0.5
+    assert bare_d[SEAMS].mean() > 3 * tiles[SEAMS].mean()
+
+
+def test_dem_encodings_decode_to_the_heights(http: httpx.Client) -> None:
+    path = f"/tiles/{Z}/{X0}/{Y0}"
+    raw = npy(http.get(path + ".npy", params={"assets": "dem"}))
+    height, valid = raw[0].astype("float64"), raw[-1] == 255
+    assert valid.mean() > 0.9
+    rgb = png(http.get(path + ".png", params={"assets": "dem", "algorithm": "terrarium"}))
+    r, g, bl = (rgb[..., i].astype("float64") for i in range(3))
+    decoded = r * 256 + g + bl / 256 - 32768  # Mapzen's decoding
+    assert np.abs(decoded - height)[valid].max() <= 1 / 256 + 1e-9
+    rgb = png(http.get(path + ".png", params={"assets": "dem", "algorithm": "terrainrgb"}))
+    r, g, bl = (rgb[..., i].astype("float64") for i in range(3))
+    decoded = -10000 + (r * 256 * 256 + g * 256 + bl) * 0.1  # Mapbox's decoding
+    assert np.abs(decoded - height)[valid].max() <= 0.05 + 1e-6
+
+
+def test_normalized_index_and_contours(http: httpx.Client) -> None:
+    path = f"/tiles/{Z}/{X0}/{Y0}.npy"
+    raw = npy(http.get(path, params={"assets": "visual", "bidx": "1,2"}))
+    got = npy(
+        http.get(path, params={"assets": "visual", "bidx": "1,2", "algorithm": "normalizedIndex"})
+    )
+    first, second = raw[0].astype("float32"), raw[1].astype("float32")
+    with np.errstate(all="ignore"):
+        expected = (second - first) / (second + first)
+    valid = raw[-1] == 255
+    assert got.dtype == np.float32 and valid.mean() > 0.5
+    np.testing.assert_array_equal(got[0][valid], expected[valid])
+    dem = npy(http.get(path, params={"assets": "dem"}))[0].astype("float64")
+    contours = npy(
+        http.get(
+            path,
+            params={
+                "assets": "dem",
+                "algorithm": "contours",
+                "algorithm_params": '{"increment": 50}',
+            },
+        )
+    )
+    lines = (contours[:3] == 0).all(axis=0)
+    assert (lines == (dem % 50 < 1))[valid].all()
+
+
+@pytest.mark.parametrize(
+    ("params", "needle"),
+    [
+        ({"algorithm": "hilshade"}, "unknown 'hilshade'"),
+        ({"algorithm": "hillshade", "algorithm_params": '{"azimut": 1}'}, "has no ['azimut']"),
+        ({"algorithm": "hillshade", "algorithm_params": '{"azimuth": 400}'}, "within 0..360"),
+        ({"algorithm": "hillshade", "algorithm_params": "{bad"}, "not JSON"),
+        ({"algorithm": "hillshade", "algorithm_params": "[1]"}, "a JSON object"),
+        ({"algorithm": "hillshade", "algorithm_params": '{"buffer": 1.5}'}, "whole number"),
+        ({"algorithm_params": '{"buffer": 1}'}, "without an algorithm"),
+        ({"algorithm": "hillshade", "assets": "visual"}, "takes one band"),
+        ({"algorithm": "normalizedIndex", "assets": "dem"}, "takes two bands"),
+        ({"algorithm": "normalizedIndex", "assets": "visual", "bidx": "1,2"}, "png holds"),
+    ],
+)
+def test_bad_algorithm_parameters_are_400s(http: httpx.Client, params: dict, needle: str) -> None:
+    params = {"assets": "dem", **params}
+    for response in (
+        http.get(f"/tiles/{Z}/{X0}/{Y0}", params=params),
+        http.get("/tilejson.json", params=params),
+    ):
+        assert response.status_code == 400, (response.request.url, response.text[:200])
+        assert needle in response.json()["detail"], response.json()["detail"]

@@ -84,3 +84,16 @@ WMTS: dict[int | str, dict[str, Any]] = {
         "content": {"application/xml": {}, **TILE[200]["content"]},
     },
 }
+# the crop routes (app.crops): a tile's answers, plus the pixel cap
+CROP: dict[int | str, dict[str, Any]] = {
+    **TILE,
+    200: {
+        "description": "The crop, in the format asked for (GeoTIFF carries the grid's CRS and "
+        "transform); Content-Bbox and Content-Crs name the output grid",
+        "content": TILE[200]["content"],
+    },
+    204: {"description": "No item has data in this area"},
+    304: {"description": "Not modified (If-None-Match; GET only)"},
+    404: _error("No item asset or collection by that name"),
+    413: _error("width x height is over the server's pixel limit (TERRAZZO_MAX_CHUNK_PIXELS)"),
+}

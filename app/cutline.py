@@ -1,0 +1,71 @@
+"""The crop routes' compute-pool job (app.crops): a GeoJSON geometry's cutline on the output
+grid ANDed with the mosaic's validity, the format chosen, the crop encoded — one job, so a
+feature crop costs one pool round trip as a tile does.
+
+Kept apart from app.crops so that a compute worker imports numpy and rasterio here, not
+FastAPI: a pool job is pickled by reference to its module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from app.encoders import encode
+
+
+def inside(
+    geometry: dict[str, Any],
+    geometry_crs: str,
+    crs: str,
+    transform: tuple[float, ...],
+    width: int,
+    height: int,
+) -> np.ndarray:
+    """(height, width) True where `geometry` (GeoJSON in `geometry_crs`) touches the pixel on
+    the grid: rio-tiler's `Reader.feature` rule (the shape reprojected with GDAL's
+    `transform_geom`, rasterized with `all_touched=True`), so a crop's mask matches TiTiler's."""
+    from affine import Affine
+    from rasterio.features import geometry_mask
+    from rasterio.warp import transform_geom
+
+    if geometry_crs != crs:
+        geometry = transform_geom(geometry_crs, crs, geometry)
+    outside = geometry_mask(
+        [geometry], out_shape=(height, width), transform=Affine(*transform[:6]), all_touched=True
+    )
+    return ~outside
+
+
+def encode_crop(
+    data: np.ndarray,
+    valid: np.ndarray,
+    fmt: str | None,
+    *,
+    crs: str,
+    transform: tuple[float, ...],
+    geometry: dict[str, Any] | None = None,
+    geometry_crs: str | None = None,
+    rescale: Sequence[tuple[float, float]] = (),
+    colormap_name: str | None = None,
+) -> tuple[bytes, str]:
+    """Mask what lies outside `geometry` (if any), pick the tile routes' default format when
+    `fmt` is None (JPEG for full 8-bit data, else PNG), encode; returns (bytes, format)."""
+    if geometry is not None:
+        height, width = valid.shape
+        valid = valid & inside(geometry, geometry_crs or crs, crs, transform, width, height)
+    if fmt is None:
+        eight_bit = data.dtype == np.uint8 or bool(rescale)
+        fmt = "jpeg" if eight_bit and valid.all() else "png"
+    body = encode(
+        data,
+        valid,
+        fmt,
+        rescale=rescale,
+        colormap_name=colormap_name,
+        crs=crs,
+        transform=transform,
+    )
+    return body, fmt

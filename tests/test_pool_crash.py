@@ -244,7 +244,9 @@ def test_random_sigkills_under_load_never_wedge_the_pool_or_give_a_500(
                 killer.join(10)
             assert not failures, f"run {run}: {failures[:5]} ({len(failures)}; {statuses})"
             assert len(killed) >= RUN_SECONDS // KILL_EVERY - 1, killed
-            assert statuses[200] >= 50, statuses
+            # served all along (about 60-90 a run on a quiet 2-core machine; the bar is low so
+            # a busy machine's slower tiles do not fail it: a wedged pool serves none)
+            assert statuses[200] >= 25, statuses
             wait_until(
                 lambda: httpx.get(server.url + TILE, timeout=10).status_code == 200,
                 10,

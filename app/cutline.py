@@ -8,7 +8,6 @@ FastAPI: a pool job is pickled by reference to its module.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -48,23 +47,22 @@ def encode_crop(
     transform: tuple[float, ...],
     geometry: dict[str, Any] | None = None,
     geometry_crs: str | None = None,
-    rescale: Sequence[tuple[float, float]] = (),
-    colormap_name: str | None = None,
+    **render: Any,
 ) -> tuple[bytes, str]:
     """Mask what lies outside `geometry` (if any), pick the tile routes' default format when
-    `fmt` is None (JPEG for full 8-bit data, else PNG), encode; returns (bytes, format)."""
+    `fmt` is None (JPEG for full 8-bit data, else PNG), encode with `render` (the request's
+    app.params.RenderParams.options()); returns (bytes, format)."""
     if geometry is not None:
         height, width = valid.shape
         valid = valid & inside(geometry, geometry_crs or crs, crs, transform, width, height)
     if fmt is None:
-        eight_bit = data.dtype == np.uint8 or bool(rescale)
+        eight_bit = data.dtype == np.uint8 or bool(render.get("rescale"))
         fmt = "jpeg" if eight_bit and valid.all() else "png"
     body = encode(
         data,
         valid,
         fmt,
-        rescale=rescale,
-        colormap_name=colormap_name,
+        **render,
         crs=crs,
         transform=transform,
     )

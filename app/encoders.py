@@ -27,12 +27,45 @@ FORMATS = {
     "webp": ("WEBP", "image/webp"),
     "npy": ("NPY", "application/x-binary"),
     "tif": ("GTiff", "image/tiff; application=geotiff"),
+    "pngraw": ("PNG", "image/png"),  # TiTiler's: the values only, no mask (alpha) band
 }
 _EIGHT_BIT_ONLY = ("jpeg", "jpg", "webp")
 
 
 class EncodeError(ValueError):
     """Data that the requested format cannot carry; the message says how to fix the request."""
+
+
+MAX_COLORMAP_CHARS = 20_000
+
+
+def parse_colormap(text: str) -> dict[int, tuple[int, ...]] | tuple:
+    """TiTiler's `colormap` JSON: discrete `{"1": "#ff0000", "2": [0, 255, 0, 255]}` or
+    intervals `[[[0, 10], "#ff0000"], [[10, 20], [0, 0, 255]]]`, colours as rio-tiler's
+    `parse_color` reads them (hex, or 3-4 numbers)."""
+    from rio_tiler.colormap import parse_color
+
+    if len(text) > MAX_COLORMAP_CHARS:
+        raise EncodeError(f"colormap: longer than {MAX_COLORMAP_CHARS} characters")
+    try:
+        value = json.loads(text)
+        if isinstance(value, dict):
+            if not value:
+                raise ValueError("no entries")
+            return {int(k): tuple(parse_color(v)) for k, v in value.items()}
+        if isinstance(value, list) and value:
+            out = []
+            for (lo, hi), color in value:
+                if not float(lo) < float(hi):
+                    raise ValueError(f"interval {[lo, hi]} is empty")
+                out.append(((float(lo), float(hi)), tuple(parse_color(color))))
+            return tuple(out)
+        raise ValueError("expected an object or a list of [[min, max], colour]")
+    except Exception as exc:  # json's, int()'s and rio-tiler's InvalidColorFormat alike
+        raise EncodeError(
+            f'colormap: {exc}; e.g. {{"1": "#ff0000", "2": [0, 255, 0]}} or '
+            '[[[0, 10], "#ff0000"], [[10, 20], "#0000ff"]]'
+        ) from exc
 
 
 def colormap_names() -> list[str]:
@@ -65,31 +98,42 @@ def check_render(
     *,
     rescale: Sequence[tuple[float, float]] = (),
     colormap_name: str | None = None,
+    colormap: Any = None,
 ) -> None:
     """Refuse, with the fix in the message, what `fmt` cannot carry of `bands` bands of
     `dtype`: decided from the layout alone, so `encode` asks it of each tile and TileJSON and
     WMTS of the catalog's layout (core.engine.Engine.layout) before handing out URLs that
     every tile would refuse. `fmt` None is the tile routes' choice, which is PNG (or JPEG
-    for full 8-bit tiles): PNG's rules apply."""
-    eight_bit = bool(rescale) or np.dtype(dtype) == np.uint8
-    fmt = fmt or "png"
-    if colormap_name:
-        check_colormap(colormap_name)
+    for full 8-bit tiles): PNG's rules apply. `colormap` is a parsed custom one."""
+    dtype = np.dtype(dtype)
+    eight_bit = bool(rescale) or dtype == np.uint8
+    fmt = "png" if fmt in (None, "pngraw") else fmt
+    if colormap_name and colormap is not None:
+        raise EncodeError("colormap, colormap_name: give one")
+    if colormap_name or colormap is not None:
+        name = "colormap_name" if colormap_name else "colormap"
+        if colormap_name:
+            check_colormap(colormap_name)
         if bands != 1:
             raise EncodeError(
-                f"colormap_name: a colormap needs one band, the tile has {bands}; "
-                "pick one with bidx"
+                f"{name}: a colormap needs one band, the tile has {bands}; pick one with bidx"
             )
-        if not eight_bit:
+        if colormap_name and not eight_bit:
             raise EncodeError("colormap_name: colormaps need 8-bit data; add rescale=min,max")
-    if fmt in _EIGHT_BIT_ONLY and not eight_bit:
+        if isinstance(colormap, dict) and not (eight_bit or dtype.kind in "iu"):
+            raise EncodeError(
+                f"colormap: a discrete colormap needs integers and the tile is {dtype}; "
+                "add rescale=min,max or give intervals"
+            )
+    colored = colormap_name is not None or colormap is not None
+    if fmt in _EIGHT_BIT_ONLY and not (eight_bit or colored):
         raise EncodeError(
-            f"format: {fmt} holds 8-bit data only and the tile is {np.dtype(dtype)}; "
+            f"format: {fmt} holds 8-bit data only and the tile is {dtype}; "
             "add rescale=min,max or ask for png, npy or tif"
         )
-    if fmt == "png" and not eight_bit and np.dtype(dtype) != np.uint16:
+    if fmt == "png" and not (eight_bit or colored) and dtype != np.uint16:
         raise EncodeError(
-            f"format: png holds 8- or 16-bit integers and the tile is {np.dtype(dtype)}; "
+            f"format: png holds 8- or 16-bit integers and the tile is {dtype}; "
             "add rescale=min,max or ask for npy or tif"
         )
 
@@ -101,27 +145,49 @@ def encode(
     *,
     rescale: Sequence[tuple[float, float]] = (),
     colormap_name: str | None = None,
+    colormap: Any = None,
+    return_mask: bool = True,
     crs: str | None = None,
     transform: tuple[float, ...] | None = None,
 ) -> bytes:
-    """Render one tile. Raises EncodeError when the format cannot hold the data as asked."""
+    """Render one tile. Raises EncodeError when the format cannot hold the data as asked.
+    `return_mask=False` (and `pngraw`) leave the mask band out (TiTiler's `return_mask`)."""
     from rio_tiler.colormap import cmap
     from rio_tiler.utils import render
 
-    check_render(data.shape[0], data.dtype, fmt, rescale=rescale, colormap_name=colormap_name)
+    check_render(
+        data.shape[0],
+        data.dtype,
+        fmt,
+        rescale=rescale,
+        colormap_name=colormap_name,
+        colormap=colormap,
+    )
     if rescale:
         data = apply_rescale(data, rescale)
-    colormap = cmap.get(colormap_name) if colormap_name else None
+    if colormap_name:
+        colormap = cmap.get(colormap_name)
+    if fmt == "pngraw":
+        fmt, return_mask = "png", False
     driver, _ = FORMATS[fmt]
-    if fmt == "png" and colormap is None and png.supports(data):
+    if fmt == "png" and colormap is None and return_mask and png.supports(data):
         return png.encode_png(data, np.where(valid, np.iinfo(data.dtype).max, 0))
-    mask = np.where(valid, 255, 0).astype("uint8")
+    alpha = np.where(valid, 255, 0).astype("uint8")
+    if colormap is not None:
+        # colours and their alpha applied here, the mask kept: rio-tiler's render tests a
+        # float tile's mask against the float range and would make every pixel opaque
+        from rio_tiler.colormap import apply_cmap
+
+        table = list(colormap) if isinstance(colormap, tuple) else colormap  # intervals
+        data, colour_alpha = apply_cmap(data, table)
+        alpha = np.where(valid, colour_alpha, 0).astype("uint8")
     options: dict[str, object] = {}
     if driver == "GTiff" and crs and transform:
         from affine import Affine
 
         options = {"crs": crs, "transform": Affine(*transform[:6])}
-    return render(data, mask=mask, img_format=driver, colormap=colormap, **options)
+    mask = alpha if return_mask else None
+    return render(data, mask=mask, img_format=driver, **options)
 
 
 # -- POST /chunks stream ("TZCH" frames; parsed by terrazzo.framing in the client) -----------

@@ -16,7 +16,7 @@ from fastapi import Query, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
-from app.encoders import check_colormap, check_render
+from app.encoders import check_colormap, check_render, parse_colormap
 from app.guard import TOKEN_PARAMETER
 from core import algorithms
 from core.catalog import SearchQuery, parse_datetime_range
@@ -68,6 +68,17 @@ def _boolean(name: str, value: str | None) -> bool:
 class RenderParams:
     rescale: tuple[tuple[float, float], ...] = ()
     colormap_name: str | None = None
+    colormap: Any = None  # parsed custom colormap (app.encoders.parse_colormap)
+    return_mask: bool = True
+
+    def options(self) -> dict[str, Any]:
+        """`app.encoders.encode`'s keyword arguments for these render choices."""
+        return {
+            "rescale": self.rescale,
+            "colormap_name": self.colormap_name,
+            "colormap": self.colormap,
+            "return_mask": self.return_mask,
+        }
 
 
 async def search_query(
@@ -194,6 +205,14 @@ async def render_params(
         None, description="`min,max` to stretch to 0..255; repeat once per band."
     ),
     colormap_name: str | None = Query(None, description="Colormap for one band, e.g. viridis."),
+    colormap: str | None = Query(
+        None,
+        description='A custom colormap as JSON: {"1": "#ff0000", ...} or intervals '
+        '[[[min, max], "#ff0000"], ...] (TiTiler\'s).',
+    ),
+    return_mask: str | None = Query(
+        None, description="false: no mask (alpha) band in the image (default true)."
+    ),
 ) -> RenderParams:
     ranges = []
     for value in rescale or []:
@@ -207,9 +226,17 @@ async def render_params(
         ranges.append((lo, hi))
     try:
         check_colormap(colormap_name)
+        custom = parse_colormap(colormap) if colormap is not None else None
     except ValueError as exc:
         raise ParamError(str(exc)) from exc
-    return RenderParams(rescale=tuple(ranges), colormap_name=colormap_name)
+    if custom is not None and colormap_name:
+        raise ParamError("colormap, colormap_name: give one")
+    return RenderParams(
+        rescale=tuple(ranges),
+        colormap_name=colormap_name,
+        colormap=custom,
+        return_mask=True if return_mask is None else _boolean("return_mask", return_mask),
+    )
 
 
 async def check_read(
@@ -231,6 +258,7 @@ async def check_read(
             fmt,
             rescale=render.rescale,
             colormap_name=render.colormap_name,
+            colormap=render.colormap,
         )
     return layout
 

@@ -32,6 +32,8 @@ X = Annotated[int, Path(description="Tile column", ge=0)]
 Y = Annotated[int, Path(description="Tile row", ge=0)]
 Tilesize = Annotated[int, Query(ge=1, description="Output tile width and height in pixels.")]
 Format = str | None  # a path parameter on the suffixed route, a query parameter on the other
+Scale = int  # @{scale}x in the path, else a query parameter (TiTiler's), 1 to MAX_SCALE
+MAX_SCALE = 4
 TILE_RESPONSES: dict = {"response_class": Response, "responses": responses.TILE}
 
 
@@ -79,8 +81,7 @@ async def render_tile(
         body = await engine.compute.run(
             partial(
                 encode,
-                rescale=render.rescale,
-                colormap_name=render.colormap_name,
+                **render.options(),
                 crs=grid.crs,
                 transform=tuple(grid.transform)[:6],
             ),
@@ -194,13 +195,25 @@ async def point(
     return {"coordinates": [lon, lat], "items": items}
 
 
-# One handler per matrix-set form, each on two paths: `.{format}` in the path, or the
-# `format` query parameter (omitted: PNG, or JPEG for a full 8-bit tile). The suffixed path
-# is registered first (the decorator nearest the function): "{y}" would match "3.png".
+# One handler per matrix-set form, each on four paths: `.{format}` in the path or the
+# `format` query parameter (omitted: PNG, or JPEG for a full 8-bit tile), with or without
+# TiTiler's `@{scale}x` (tiles of scale x tilesize pixels over the same ground). The most
+# suffixed path is registered first (the decorator nearest the function): "{y}" would match
+# "3.png" and "3@2x".
 @router.get("/tiles/{tileMatrixSetId}/{z}/{x}/{y}", summary="Mosaic tile", **TILE_RESPONSES)
 @router.get(
     "/tiles/{tileMatrixSetId}/{z}/{x}/{y}.{format}",
     summary="Mosaic tile in a format",
+    **TILE_RESPONSES,
+)
+@router.get(
+    "/tiles/{tileMatrixSetId}/{z}/{x}/{y}@{scale}x",
+    summary="Mosaic tile, scale x tilesize pixels",
+    **TILE_RESPONSES,
+)
+@router.get(
+    "/tiles/{tileMatrixSetId}/{z}/{x}/{y}@{scale}x.{format}",
+    summary="Mosaic tile in a format, scale x tilesize pixels",
     **TILE_RESPONSES,
 )
 async def tile_tms(
@@ -210,13 +223,14 @@ async def tile_tms(
     x: X,
     y: Y,
     format: Format = None,
+    scale: Scale = 1,
     tilesize: Tilesize = 256,
     query: SearchQuery = Depends(search_query),
     params: ReadParams = Depends(read_params),
     render: RenderParams = Depends(render_params),
 ) -> Response:
     return await render_tile(
-        request, tileMatrixSetId, z, x, y, format, tilesize, query, params, render
+        request, tileMatrixSetId, z, x, y, format, _scaled(tilesize, scale), query, params, render
     )
 
 
@@ -224,18 +238,33 @@ async def tile_tms(
 @router.get(
     "/tiles/{z}/{x}/{y}.{format}", summary="WebMercatorQuad tile in a format", **TILE_RESPONSES
 )
+@router.get("/tiles/{z}/{x}/{y}@{scale}x", summary="WebMercatorQuad tile, scaled", **TILE_RESPONSES)
+@router.get(
+    "/tiles/{z}/{x}/{y}@{scale}x.{format}",
+    summary="WebMercatorQuad tile in a format, scaled",
+    **TILE_RESPONSES,
+)
 async def tile(
     request: Request,
     z: Z,
     x: X,
     y: Y,
     format: Format = None,
+    scale: Scale = 1,
     tilesize: Tilesize = 256,
     query: SearchQuery = Depends(search_query),
     params: ReadParams = Depends(read_params),
     render: RenderParams = Depends(render_params),
 ) -> Response:
-    return await render_tile(request, DEFAULT_TMS, z, x, y, format, tilesize, query, params, render)
+    return await render_tile(
+        request, DEFAULT_TMS, z, x, y, format, _scaled(tilesize, scale), query, params, render
+    )
+
+
+def _scaled(tilesize: int, scale: int) -> int:
+    if not 1 <= scale <= MAX_SCALE:
+        raise ParamError(f"scale: @{scale}x is not 1 to {MAX_SCALE}, e.g. @2x for 512 pixels")
+    return tilesize * scale
 
 
 @router.get(

@@ -94,6 +94,12 @@ class ReadParams:
             raise ParamError("bidx, expression: choose one (an expression names its bands)")
         if self.expression is not None and len(self.expression) > MAX_EXPRESSION_CHARS:
             raise ParamError(f"expression: longer than {MAX_EXPRESSION_CHARS} characters")
+        for name, values, limit in (
+            ("assets", self.assets, MAX_ASSETS),
+            ("bidx", self.bidx, MAX_BANDS),
+        ):
+            if len(values) > limit:
+                raise ParamError(f"{name}: at most {limit} per request, got {len(values)}")
 
     def item_steps(self, reads: Sequence[AssetRead | BandSource]) -> list[Process]:
         """The processes each item's stacked bands go through before the mosaic: `bidx`'s
@@ -104,12 +110,6 @@ class ReadParams:
             variables = band_variables([(r.asset, r.count) for r in reads])
             return [Expression(self.expression, tuple(variables))]
         return []
-        for name, values, limit in (
-            ("assets", self.assets, MAX_ASSETS),
-            ("bidx", self.bidx, MAX_BANDS),
-        ):
-            if len(values) > limit:
-                raise ParamError(f"{name}: at most {limit} per request, got {len(values)}")
 
 
 @dataclass

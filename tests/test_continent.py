@@ -1,5 +1,5 @@
 """Complete mosaics at every zoom on a synthetic continent (bench/continent.py, small here):
-every z0–z8 tile comes complete from the overview pyramid (`terrazzo overviews`), where dynamic
+every z0–z7 tile comes complete from the overview pyramid (`terrazzo overviews`), where dynamic
 reads over thousands of items hit the item limit; a dynamic z10 tile over 250 stacked scenes is
 complete. The pixels are checked against rio-tiler reading the shared COGs.
 """
@@ -23,7 +23,7 @@ from tests.conftest import Server
 
 TMS = morecantile.tms.get("WebMercatorQuad")
 BOUNDS = (6.0, 44.0, 16.0, 52.0)  # four shared COGs in UTM zones 32N and 33N
-MAX_ZOOM = 8
+MAX_ZOOM = 7  # z7 tiles hold ~300 of the 3000 items: within the limit, dynamic reads agree
 
 
 @pytest.fixture(scope="module")

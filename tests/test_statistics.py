@@ -392,3 +392,27 @@ def test_lonlat_feature_on_a_utm_grid_equals_rio_tiler(
         img = src.feature(polygon, dst_crs=utm, **size, resampling_method="nearest")
     theirs = img.statistics(coverage=img.get_coverage_array(polygon))
     assert_same_stats(ours, theirs, ["dem"])
+
+
+def test_sdk_statistics_sends_the_same_request_as_the_routes(server, http) -> None:
+    """client.statistics: a bbox is GET /statistics, a shapely polygon is POST /statistics
+    with its GeoJSON; the answers are the routes' own."""
+    import shapely
+    from terrazzo import Client
+
+    box = [6.40, 44.97, 6.50, 45.03]
+    params = {"assets": "dem", "width": 96, "height": 64, "p": "10,90"}
+    polygon = shapely.Polygon([(6.40, 44.97), (6.50, 44.97), (6.50, 45.03)])
+    with Client(server.url) as client:
+        by_box = client.statistics(box, **params)
+        by_shape = client.statistics(geometry=polygon, **params)
+    assert (
+        by_box == http.get("/statistics", params={**params, "bbox": "6.4,44.97,6.5,45.03"}).json()
+    )
+    feature = {"type": "Feature", "properties": {}, "geometry": polygon.__geo_interface__}
+    routed = http.post("/statistics", params=params, json=feature).json()
+    assert by_shape["properties"]["statistics"] == routed["properties"]["statistics"]
+    assert "percentile_90" in by_box["dem"]
+    assert (
+        by_shape["properties"]["statistics"]["dem"]["valid_pixels"] < by_box["dem"]["valid_pixels"]
+    )

@@ -203,6 +203,41 @@ class AsyncClient:
     async def info(self) -> dict[str, Any]:
         return (await self._get("/info", {})).json()
 
+    async def statistics(
+        self,
+        bbox: Sequence[float] | None = None,
+        *,
+        geometry: Any = None,
+        **params: Any,
+    ) -> Any:
+        """rio-tiler's statistics of the mosaic, per output band: over `bbox` (lon/lat, or in
+        `bbox_crs`) as `{band: {...}}`, or inside `geometry` (a GeoJSON Feature, a
+        FeatureCollection, a geometry dict or anything with `__geo_interface__`, e.g. shapely)
+        as the server's Feature(Collection) with `properties.statistics`. `params` are the
+        tile parameters (assets, expression, algorithm, datetime...) and the statistics
+        options (`width`/`height`/`max_size`, `dst_crs`, `p`, `histogram_bins`, `coverage`...).
+        """
+        if (bbox is None) == (geometry is None):
+            raise TypeError("give bbox or geometry")
+        if bbox is not None:
+            box = ",".join(str(float(v)) for v in bbox)
+            return (await self._get("/statistics", {**params, "bbox": box})).json()
+        return (await self._post_json("/statistics", _feature(geometry), params)).json()
+
+    async def _post_json(self, path: str, body: Any, params: dict[str, Any]) -> httpx.Response:
+        http, limit = self._client()
+
+        async def once() -> httpx.Response:
+            async with limit:
+                try:
+                    response = await http.post(path, params=_query(params), json=body)
+                except httpx.TransportError as exc:
+                    raise TransientError(f"{type(exc).__name__}: {exc}") from exc
+            self._check(response, response.content)
+            return response
+
+        return await self._retrying(once)
+
     # -- chunks ------------------------------------------------------------------------------
 
     async def stream_chunks(
@@ -540,6 +575,9 @@ class Client:
     def info(self) -> dict[str, Any]:
         return self._run(self._async.info())
 
+    def statistics(self, bbox: Sequence[float] | None = None, **kwargs: Any) -> Any:
+        return self._run(self._async.statistics(bbox, **kwargs))
+
     def read(self, bbox: Sequence[float] | None = None, **kwargs: Any) -> Any:
         return self._run(self._async.read(bbox, **kwargs))
 
@@ -550,6 +588,17 @@ class Client:
         self, chunks: Sequence[dict[str, Any]], body: dict[str, Any], **kwargs: Any
     ) -> dict[str, Chunk]:
         return self._run(self._async.fetch_chunks(chunks, body, **kwargs))
+
+
+def _feature(geometry: Any) -> dict[str, Any]:
+    """A GeoJSON Feature (or FeatureCollection) for POST /statistics."""
+    if hasattr(geometry, "__geo_interface__"):
+        geometry = geometry.__geo_interface__
+    if not isinstance(geometry, dict):
+        raise TypeError("geometry: a GeoJSON dict or an object with __geo_interface__")
+    if geometry.get("type") in ("Feature", "FeatureCollection"):
+        return geometry
+    return {"type": "Feature", "properties": {}, "geometry": geometry}
 
 
 __all__ = ["AsyncClient", "Client", "Config"]

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from app import responses
 from app.encoders import CHUNKS_MEDIA_TYPE, chunk_frame, frame
-from app.params import reject_unknown_query
+from app.params import algorithm_step, reject_unknown_query
 from core.catalog import SearchQuery, parse_datetime_range
 from core.chunks import (
     GROUP_BY,
@@ -76,6 +76,12 @@ class ChunksRequest(BaseModel):
         None,
         max_length=2000,
         description="Band math per item (as on the tile routes), float32 out.",
+    )
+    algorithm: str | None = Field(
+        None, description="On each layer's mosaic: hillshade, contours, terrarium, ... (tiles')."
+    )
+    algorithm_params: dict[str, Any] | str | None = Field(
+        None, description='The algorithm\'s parameters, e.g. {"azimuth": 315}.'
     )
     method: str = "first"
     resampling: str = "nearest"
@@ -146,6 +152,7 @@ async def chunks(request: Request, body: ChunksRequest) -> Any:
         assets=engine.resolve_assets(tuple(body.assets)),
         bidx=tuple(body.bidx),
         expression=(body.expression or "").strip() or None,
+        algorithm=algorithm_step(body.algorithm, body.algorithm_params),
         method=body.method.lower(),
         resampling=body.resampling.lower(),
         nodata=body.nodata,

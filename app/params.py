@@ -182,14 +182,15 @@ async def read_params(
         assets=_split(assets),
         bidx=_numbers("bidx", _split(bidx), int),
         expression=(expression or "").strip() or None,
-        algorithm=_algorithm(algorithm, algorithm_params),
+        algorithm=algorithm_step(algorithm, algorithm_params),
         method=(method or pixel_selection or "first").lower(),
         resampling=resampling.lower(),
         nodata=nodata_value,
     )
 
 
-def _algorithm(name: str | None, params: str | None) -> Any:
+def algorithm_step(name: str | None, params: str | dict[str, Any] | None) -> Any:
+    """The algorithm a request names (core.algorithms.make), its mistakes as ParamErrors."""
     if name is None:
         if params is not None:
             raise ParamError("algorithm_params: given without an algorithm")

@@ -159,7 +159,10 @@ async def read_chunk(
         query = dataclasses.replace(query, skipcovered=False, exitwhenfull=False)
     try:
         async with asyncio.timeout(engine.settings.chunk_timeout_s):
-            plan = await engine.plan(grid, query, params)
+            # an algorithm that looks at neighbours reads `buffer` pixels more on every side
+            # (as tiles do) and crops them back in _fill
+            buffer = getattr(params.algorithm, "buffer", 0) if params.algorithm else 0
+            plan = await engine.plan(grid.buffered(buffer), query, params)
             result.items = len(plan.items)
             result.truncated = plan.truncated_why
             if dry_run:
@@ -225,12 +228,18 @@ async def _fill(
         mosaics = [await engine.complete(plan, query, params, StageClock())]
     else:
         mosaics = await asyncio.gather(*(engine.execute(p, params) for _, p in groups))
+    if params.algorithm is not None:  # on each layer's mosaic, in the pool (crops any buffer)
+        for mosaic in mosaics:
+            if mosaic is not None:
+                mosaic.data, mosaic.valid = await engine.compute.run(
+                    params.algorithm.apply, mosaic.data, mosaic.valid
+                )
     if all(m is None or not m.valid.any() for m in mosaics):  # (truncated: valid all False)
         result.status = "empty"
         return
     template = next(m for m in mosaics if m is not None)
     out_dtype = np.dtype(dtype) if dtype else template.data.dtype
-    g = plan.grid
+    g = result.grid
     data = np.zeros((len(groups), template.data.shape[0], g.height, g.width), dtype=out_dtype)
     valid = np.zeros((len(groups), g.height, g.width), dtype=bool)
     for t, mosaic in enumerate(mosaics):

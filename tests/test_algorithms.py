@@ -162,3 +162,30 @@ def test_bad_algorithm_parameters_are_400s(http: httpx.Client, params: dict, nee
     ):
         assert response.status_code == 400, (response.request.url, response.text[:200])
         assert needle in response.json()["detail"], response.json()["detail"]
+
+
+def test_chunks_and_the_sdk_run_the_algorithm_with_its_buffer(server) -> None:
+    """POST /chunks (through the SDK) with algorithm=hillshade equals hillshade of a raw read
+    grown by the buffer, cropped: in the source's CRS, bit for bit."""
+    from terrazzo import Client
+
+    from tests.conftest import utm_area
+
+    res, b = 30.0, Hillshade().buffer
+    box = utm_area(128, res, 5.5, 45.0, crs="EPSG:32631")
+    grown = [box[0] - b * res, box[1] - b * res, box[2] + b * res, box[3] + b * res]
+    read = {"crs": "EPSG:32631", "resolution": res, "assets": ["dem"], "progress": False}
+    with Client(server.url) as client:
+        raw = client.read(grown, groupby=None, **read)
+        shaded = client.read(box, groupby=None, algorithm="hillshade", **read)
+        bad = None
+        try:
+            client.read(box, algorithm="hillshade", algorithm_params='{"azimut": 1}', **read)
+        except Exception as exc:  # the server's 400, raised by the client
+            bad = str(exc)
+    assert shaded.dtype == np.uint8 and list(shaded.band.values) == ["hillshade"]
+    data = raw.values[0].astype("float32")
+    assert not np.isnan(data).any()
+    expected, _ = Hillshade().apply(data, np.ones(data.shape[1:], dtype=bool))
+    np.testing.assert_array_equal(shaded.values[0, 0], expected[0])
+    assert bad is not None and "azimut" in bad

@@ -33,6 +33,8 @@ SEARCH_AND_READ = (
     "assets",
     "bidx",
     "expression",
+    "algorithm",
+    "algorithm_params",
     "method",
     "resampling",
     "dtype",

@@ -23,8 +23,9 @@ from core.chunks import (
     check_limits,
     stream_chunks,
 )
-from core.engine import ReadParams
+from core.engine import ParamError, ReadParams
 from core.filters import parse as parse_filter
+from core.statistics import StatisticsError, StatsOptions
 
 router = APIRouter(tags=["chunks"], dependencies=[Depends(reject_unknown_query)])
 log = logging.getLogger("terrazzo.chunks")
@@ -83,6 +84,12 @@ class ChunksRequest(BaseModel):
     algorithm_params: dict[str, Any] | str | None = Field(
         None, description='The algorithm\'s parameters, e.g. {"azimuth": 315}.'
     )
+    statistics: bool | dict[str, Any] = Field(
+        False,
+        description="true, or options {percentiles, histogram_bins, histogram_range, "
+        "categorical, categories}: each chunk's frame carries rio-tiler's statistics of each "
+        "band, per time layer (`statistics` in its header).",
+    )
     method: str = "first"
     resampling: str = "nearest"
     dtype: str | None = Field(None, description="Output dtype, e.g. float32 (default: the data's).")
@@ -117,6 +124,31 @@ def _specs(body: ChunksRequest) -> list[ChunkSpec]:
         ChunkSpec.make(c.id, c.bbox, width=c.width, height=c.height, resolution=c.resolution)
         for c in body.chunks
     ]
+
+
+def _stats_options(asked: bool | dict[str, Any]) -> StatsOptions | None:
+    """The chunk statistics asked for, as core.statistics options (a bad one: a 400)."""
+    if asked is False:
+        return None
+    options = {} if asked is True else dict(asked)
+    names = {"percentiles", "histogram_bins", "histogram_range", "categorical", "categories"}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise ParamError(f"statistics: unknown {unknown}; it takes {sorted(names)}")
+    try:
+        return StatsOptions(
+            categorical=bool(options.get("categorical", False)),
+            categories=tuple(float(c) for c in options.get("categories", ())),
+            percentiles=tuple(int(p) for p in options.get("percentiles", (2, 98))),
+            bins=(
+                b
+                if isinstance(b := options.get("histogram_bins", 10), int)
+                else tuple(float(e) for e in b)
+            ),
+            range=tuple(options["histogram_range"]) if "histogram_range" in options else None,
+        )
+    except (StatisticsError, TypeError, ValueError) as exc:
+        raise ParamError(f"statistics: {exc}") from exc
 
 
 @router.post(
@@ -169,6 +201,7 @@ async def chunks(request: Request, body: ChunksRequest) -> Any:
         group_by=body.group_by,
         dtype=body.dtype,
         dry_run=body.dry_run,
+        statistics=_stats_options(body.statistics),
     )
     if body.dry_run:
         plans = [

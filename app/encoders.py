@@ -225,6 +225,8 @@ def chunk_frame(result: Any) -> bytes:
     }
     if result.plan is not None:
         header["plan"] = result.plan
+    if getattr(result, "statistics", None) is not None:
+        header["statistics"] = result.statistics
     parts: list[tuple[str, bytes]] = []
     if result.data is not None:
         data = result.data.astype(result.data.dtype.newbyteorder("<"), copy=False)

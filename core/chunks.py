@@ -25,6 +25,7 @@ from core.bounded import run_bounded
 from core.catalog import SearchQuery
 from core.engine import Engine, ParamError, ReadFailed, ReadParams, band_layout
 from core.plan import Grid, ItemRead, ReadPlan, describe_error
+from core.statistics import StatsOptions, area_statistics
 from core.timing import StageClock
 
 # time axes: one layer per label. odc-stac's spellings too: time (= datetime), id (= item),
@@ -99,6 +100,8 @@ class ChunkResult:
     seconds: float = 0.0
     plan: dict[str, Any] | None = None  # dry runs only
     layout: dict[str, Any] | None = None  # dry runs only: bands and dtype of the data
+    # per time layer, rio-tiler's statistics of each band (with `statistics` asked)
+    statistics: list[dict[str, Any]] | None = None
 
 
 def group_key(item: ItemRead, group_by: str | None) -> str | None:
@@ -145,6 +148,7 @@ async def read_chunk(
     group_by: str | None = None,
     dtype: str | None = None,
     dry_run: bool = False,
+    statistics: StatsOptions | None = None,
 ) -> ChunkResult:
     """Read one chunk; every failure is captured in the result, this chunk's own cancellation
     is not (the client went away, or the stream is closing: all work must stop).
@@ -174,6 +178,8 @@ async def read_chunk(
                 result.layout = output_layout(plan, params, dtype)
                 return result
             await _fill(engine, result, plan, query, params, group_by, dtype)
+            if statistics is not None and result.data is not None:
+                result.statistics = await _statistics(engine, result, plan, params, statistics)
     except TimeoutError:
         result.status = "error"
         result.error = f"timeout: not done in {engine.settings.chunk_timeout_s} s"
@@ -253,6 +259,32 @@ async def _fill(
     result.layout = layout
 
 
+async def _statistics(
+    engine: Engine,
+    result: ChunkResult,
+    plan: ReadPlan,
+    params: ReadParams,
+    options: StatsOptions,
+) -> list[dict[str, Any]]:
+    """Each time layer's statistics per band, computed in the pool (core.statistics)."""
+    assert result.data is not None and result.valid is not None
+    layout = output_layout(plan, params, None)
+    names = tuple(layout["names"]) if layout else ()
+    g = result.grid
+    return [
+        await engine.compute.run(
+            area_statistics,
+            result.data[t],
+            result.valid[t],
+            names,
+            options,
+            g.crs,
+            tuple(g.transform)[:6],
+        )
+        for t in range(result.data.shape[0])
+    ]
+
+
 def output_layout(plan: ReadPlan, params: ReadParams, dtype: str | None) -> dict[str, Any] | None:
     """Bands and dtype a read of `plan` returns, without reading (for lazy clients)."""
     return band_layout(plan.items[0].reads, params, dtype) if plan.items else None
@@ -325,6 +357,7 @@ async def stream_chunks(
     group_by: str | None = None,
     dtype: str | None = None,
     dry_run: bool = False,
+    statistics: StatsOptions | None = None,
 ) -> AsyncIterator[ChunkResult]:
     """Results in completion order, at most `chunk_concurrency` chunks in flight."""
 
@@ -338,6 +371,7 @@ async def stream_chunks(
             group_by=group_by,
             dtype=dtype,
             dry_run=dry_run,
+            statistics=statistics,
         )
 
     async for result in run_bounded(specs, one, engine.settings.chunk_concurrency):

@@ -416,3 +416,41 @@ def test_sdk_statistics_sends_the_same_request_as_the_routes(server, http) -> No
     assert (
         by_shape["properties"]["statistics"]["dem"]["valid_pixels"] < by_box["dem"]["valid_pixels"]
     )
+
+
+def test_per_chunk_statistics_equal_the_routes_and_the_chunks_pixels(http) -> None:
+    """POST /chunks with `statistics`: each frame's header has each time layer's statistics,
+    equal to GET /statistics on the same grid and to numpy on the frame's own pixels."""
+    from terrazzo.framing import parse_frames
+
+    from tests.conftest import utm_area
+
+    box = utm_area(64, 30, 6.45, 45.0)
+    body = {
+        "crs": "EPSG:32632",
+        "chunks": [{"id": "a", "bbox": box, "width": 64, "height": 64}],
+        "assets": ["dem"],
+        "statistics": {"percentiles": [10, 90], "histogram_bins": 4},
+    }
+    chunk = parse_frames(http.post("/chunks", json=body).content)[0]
+    assert chunk.status == "ok", chunk.error
+    (layer,) = chunk.header["statistics"]
+    values = chunk.data[0, 0][chunk.mask[0]].astype("float64")
+    assert layer["dem"]["valid_pixels"] == values.size
+    assert abs(layer["dem"]["mean"] - values.mean()) <= 1e-6 * abs(values.mean())
+    assert "percentile_90" in layer["dem"] and len(layer["dem"]["histogram"][0]) == 4
+    routed = http.get(
+        "/statistics",
+        params={
+            "bbox": ",".join(map(str, box)),
+            "bbox_crs": "EPSG:32632",
+            "width": 64,
+            "height": 64,
+            "assets": "dem",
+            "p": "10,90",
+            "histogram_bins": 4,
+        },
+    ).json()
+    assert routed["dem"] == layer["dem"]
+    bad = http.post("/chunks", json={**body, "statistics": {"percentile": [5]}})
+    assert bad.status_code == 400 and "statistics" in bad.json()["detail"]

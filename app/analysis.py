@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from app import responses
+from app.headers import read_headers
 from app.params import _boolean, read_params, reject_unknown_query, search_query
 from core.catalog import SearchQuery
 from core.chunks import LimitError, check_crs, output_layout
@@ -283,21 +284,6 @@ async def _statistics(
     return stats, mosaic
 
 
-def _headers(mosaics: list[Mosaic | None]) -> dict[str, str]:
-    """What the tile routes say of a read: items used, failed items, search truncation."""
-    done = [m for m in mosaics if m is not None]
-    headers = {"X-Terrazzo-Items": str(sum(len(m.plan.items) for m in done))}
-    errors = [e for m in done for e in m.errors]
-    if errors:
-        text = "; ".join(f"{i}: {e}" for i, e in errors)
-        headers["X-Terrazzo-Errors"] = " ".join(text.split()).encode("ascii", "replace").decode()
-        headers["X-Terrazzo-Errors"] = headers["X-Terrazzo-Errors"][:2000]
-    truncated = next((m.plan.truncated_why for m in done if m.plan.truncated), "")
-    if truncated:
-        headers["X-Terrazzo-Truncated"] = truncated
-    return headers
-
-
 @router.get(
     "/statistics",
     summary="Statistics of the mosaic over a bbox (rio-tiler's figures per band)",
@@ -325,7 +311,7 @@ async def bbox_statistics(
     grid = area_grid(bounds, bbox_crs, crs, size, engine.settings.max_chunk_pixels)  # type: ignore[arg-type]
     layout = await engine.check(query, params)
     stats, mosaic = await _statistics(engine, grid, query, params, options, layout)
-    return JSONResponse(stats, headers=_headers([mosaic]))
+    return JSONResponse(stats, headers=read_headers([mosaic]))
 
 
 class Feature(BaseModel):
@@ -436,5 +422,5 @@ async def feature_statistics(
         answer = {**geojson.model_dump(), "features": out}
     else:
         answer = out[0]
-    headers = _headers([m for _, m in results])
+    headers = read_headers([m for _, m in results])
     return JSONResponse(answer, headers=headers, media_type=GEOJSON)

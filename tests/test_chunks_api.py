@@ -94,18 +94,18 @@ def reference(catalog: Path, crs: str, bbox: list[float], width: int, height: in
 
 
 @pytest.mark.parametrize("asset", ["visual", "dem"])
-def test_64_chunks_equal_direct_rasterio_warps(
+def test_chunks_in_three_crss_equal_direct_rasterio_warps(
     http: httpx.Client, demo_catalog: Path, asset: str
 ) -> None:
     got: dict[str, Chunk] = {}
     requested: dict[str, tuple[str, dict]] = {}
     for crs, (lon, lat) in AREAS.items():
         res = 100.0 if crs != "EPSG:3857" else 140.0  # finer than the 120 m data: level 0
-        specs = chunk_grid(crs, lon, lat, n=5 if crs == "EPSG:32632" else 4, size=64, res=res)
+        specs = chunk_grid(crs, lon, lat, n=3, size=64, res=res)
         requested.update({c["id"]: (crs, c) for c in specs})
         for chunk in post(http, {"crs": crs, "chunks": specs, "assets": [asset]}):
             got[chunk.id] = chunk
-    assert len(requested) == 57 and set(got) == set(requested)
+    assert len(requested) == 27 and set(got) == set(requested)
     checked = 0
     for cid, (crs, spec) in requested.items():
         chunk = got[cid]
@@ -122,7 +122,7 @@ def test_64_chunks_equal_direct_rasterio_warps(
         if both.any():
             assert (ours[:, both] == data[:, both]).all(axis=0).mean() > 0.99
             checked += 1
-    assert checked >= 30
+    assert checked >= 15
 
 
 def test_group_by_gives_a_time_axis(http: httpx.Client) -> None:

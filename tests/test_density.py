@@ -12,6 +12,7 @@ import collections
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import affine
@@ -185,8 +186,10 @@ def dense(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Se
         for k, box in enumerate(bboxes)
     ]
     catalog = items_catalog(root / "items.parquet", items)
-    tight = Server(catalog, env={"TERRAZZO_MAX_ITEMS": "12"})
-    loose = Server(catalog, env={"TERRAZZO_MAX_ITEMS": "10000"})
+    with ThreadPoolExecutor(2) as starting:  # both start at once: each waits on its imports
+        tight, loose = starting.map(
+            lambda limit: Server(catalog, env={"TERRAZZO_MAX_ITEMS": limit}), ["12", "10000"]
+        )
     try:
         yield tight, loose, bboxes
     finally:

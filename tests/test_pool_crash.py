@@ -173,7 +173,7 @@ def test_a_stuck_job_is_killed_once_its_request_gives_up_and_readyz_follows(
 # -- the load test: SIGKILL a random compute worker every 1.5 s under 16 clients ---------------
 
 RUNS = 2
-RUN_SECONDS = 6.0
+RUN_SECONDS = 5.0
 CLIENTS = 16
 KILL_EVERY = 1.5
 
@@ -227,8 +227,8 @@ def test_random_sigkills_under_load_never_wedge_the_pool_or_give_a_500(
     demo_catalog: Path,
 ) -> None:
     """The reproduction of the wedge (3 runs in 4 stuck for good with ProcessPoolExecutor):
-    two runs on one server, each 6 s of 16 clients with a worker SIGKILLed every 1.5 s (eight
-    kills or so, where the wedge took one to three); after each run the service must serve a
+    two runs on one server, each 5 s of 16 clients with a worker SIGKILLed every 1.5 s (six
+    kills or so in all, where the wedge took one to three); after each run the service must serve a
     tile and be ready within 10 s."""
     with serving(demo_catalog) as server:
         total_kills = 0
@@ -244,9 +244,9 @@ def test_random_sigkills_under_load_never_wedge_the_pool_or_give_a_500(
                 killer.join(10)
             assert not failures, f"run {run}: {failures[:5]} ({len(failures)}; {statuses})"
             assert len(killed) >= RUN_SECONDS // KILL_EVERY - 1, killed
-            # served all along (about 40-55 a run on a quiet 2-core machine; the bar is low so
+            # served all along (about 35-45 a run on a quiet 2-core machine; the bar is low so
             # a busy machine's slower tiles do not fail it: a wedged pool serves none)
-            assert statuses[200] >= 15, statuses
+            assert statuses[200] >= 12, statuses
             wait_until(
                 lambda: httpx.get(server.url + TILE, timeout=10).status_code == 200,
                 10,

@@ -104,7 +104,7 @@ def test_openapi_fuzz_no_server_errors_nor_undocumented_answers(schema_server: S
     for operation in schema.get_all_operations():
         strategy = operation.ok().as_strategy()
 
-        @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+        @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
         @given(case=strategy)
         def check(case) -> None:
             response = case.call(base_url=schema_server.url, timeout=60)

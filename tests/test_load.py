@@ -9,7 +9,7 @@ from bench import load
 
 
 def test_mixed_load_no_5xx_and_low_loop_lag(demo_catalog: Path) -> None:
-    summary = load.main(["--catalog", str(demo_catalog), "--clients", "32", "--seconds", "5"])
+    summary = load.main(["--catalog", str(demo_catalog), "--clients", "32", "--seconds", "8"])
     assert summary["requests"] > 50
     assert summary["5xx_or_errors"] == 0, summary["status"]
     assert summary["loop_lag_ms"]["p99"] < 100, summary["loop_lag_ms"]

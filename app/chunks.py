@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, model_validator
 from app import responses
 from app.encoders import CHUNKS_MEDIA_TYPE, chunk_frame, frame
 from app.params import algorithm_step, reject_unknown_query
+from core.algorithms import for_grid
 from core.catalog import SearchQuery, parse_datetime_range
 from core.chunks import (
     GROUP_BY,
@@ -25,6 +26,7 @@ from core.chunks import (
 )
 from core.engine import ParamError, ReadParams
 from core.filters import parse as parse_filter
+from core.plan import Grid
 from core.statistics import StatisticsError, StatsOptions
 
 router = APIRouter(tags=["chunks"], dependencies=[Depends(reject_unknown_query)])
@@ -126,6 +128,24 @@ def _specs(body: ChunksRequest) -> list[ChunkSpec]:
     ]
 
 
+def _on_chunks(step: Any, crs: str, specs: list[ChunkSpec]) -> Any:
+    """The algorithm as it runs on these chunks: one in ground units (slope) takes their pixel
+    size, here, since core.chunks hands one ReadParams to every chunk (a tile's read binds
+    its own in Engine.read). Chunks of different pixel sizes are a 400, not a wrong slope."""
+    if step is None or getattr(step, "on_grid", None) is None:
+        return step
+    grids = [Grid.from_bounds(crs, s.bbox, s.width, s.height) for s in specs]
+    first = (abs(grids[0].transform.a), abs(grids[0].transform.e))
+    for grid in grids[1:]:
+        size = (abs(grid.transform.a), abs(grid.transform.e))
+        if any(abs(a - b) > 1e-9 * max(a, b) for a, b in zip(size, first, strict=True)):
+            raise ParamError(
+                f"algorithm: {type(step).__name__.lower()} needs one pixel size for every chunk "
+                f"of a request (got {first} and {size}); send each resolution in its own request"
+            )
+    return for_grid(step, grids[0])
+
+
 def _stats_options(asked: bool | dict[str, Any]) -> StatsOptions | None:
     """The chunk statistics asked for, as core.statistics options (a bad one: a 400)."""
     if asked is False:
@@ -184,7 +204,9 @@ async def chunks(request: Request, body: ChunksRequest) -> Any:
         assets=engine.resolve_assets(tuple(body.assets)),
         bidx=tuple(body.bidx),
         expression=(body.expression or "").strip() or None,
-        algorithm=algorithm_step(body.algorithm, body.algorithm_params),
+        algorithm=_on_chunks(
+            algorithm_step(body.algorithm, body.algorithm_params), body.crs, specs
+        ),
         method=body.method.lower(),
         resampling=body.resampling.lower(),
         nodata=body.nodata,

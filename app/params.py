@@ -152,7 +152,7 @@ async def read_params(
     ),
     algorithm: str | None = Query(
         None,
-        description="On the mosaic (TiTiler's names): hillshade, contours, terrarium, "
+        description="On the mosaic (TiTiler's names): hillshade, slope, contours, terrarium, "
         "terrainrgb, normalizedIndex.",
     ),
     algorithm_params: str | None = Query(

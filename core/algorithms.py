@@ -1,13 +1,15 @@
 """Algorithms after the mosaic, with TiTiler's names and parameters (`algorithm=hillshade`,
-`algorithm_params={"azimuth": 315}`): hillshade, contours, terrarium, terrainrgb,
+`algorithm_params={"azimuth": 315}`): hillshade, slope, contours, terrarium, terrainrgb,
 normalizedIndex. Each is a core.process step (declares its output bands and dtype, runs in
 the compute pool) run on the mosaicked bands.
 
-A step that looks at neighbouring pixels (hillshade) declares a `buffer`: the engine reads
+A step that looks at neighbouring pixels (hillshade, slope) declares a `buffer`: the engine reads
 the grid that many pixels larger on every side and the step crops it back, so each tile is
 computed from the same pixels a larger read would give it and tiles meet without seams.
 The formulas are TiTiler's (gradient per pixel, not per metre; its default light from above),
-so a TiTiler user gets the same picture.
+so a TiTiler user gets the same picture. Slope is in ground units, so it needs the read's
+pixel size, which only the read knows: `for_grid` hands it over (the engine calls it on each
+read's own grid, buffer included).
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from core.process import ProcessError
+
+if TYPE_CHECKING:
+    from core.plan import Grid
 
 MAX_PARAMS_CHARS = 1000
 
@@ -57,6 +62,41 @@ class Hillshade:
             azimuth - aspect
         )
         out = (255 * (shaded + 1) / 2).astype("uint8")[None]
+        return _crop(out, valid, self.buffer)
+
+
+@dataclass(frozen=True)
+class Slope:
+    """TiTiler's `slope`: the steepest descent in degrees (0 flat, towards 90), from numpy's
+    central-difference gradient divided by the pixel size (in the grid's CRS units, as
+    TiTiler divides by its tile transform's). `pixel_size` is not a request parameter: the
+    read's grid sets it (`for_grid`)."""
+
+    buffer: int = 3
+    z_exaggeration: float = 1.0
+    pixel_size: tuple[float, float] | None = None  # (x, y) of the grid read, set by for_grid
+    LIMITS: ClassVar[dict[str, tuple[float, float]]] = {
+        "buffer": (0, 99),
+        "z_exaggeration": (1e-6, 1e6),
+    }
+
+    def layout(self, names: list[str], dtype: np.dtype) -> tuple[list[str], np.dtype]:
+        _one_band("slope", names)
+        return ["slope"], np.dtype("float32")
+
+    def on_grid(self, grid: Grid) -> Slope:
+        return dataclasses.replace(self, pixel_size=(abs(grid.transform.a), abs(grid.transform.e)))
+
+    def apply(self, data: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.pixel_size is None:  # a caller that forgot for_grid: never a silent 1 m pixel
+            raise ProcessError("slope: no pixel size; run it through core.algorithms.for_grid")
+        size_x, size_y = self.pixel_size
+        # rows run along y, columns along x (TiTiler divides the row gradient by the x size:
+        # the same for the square pixels of its tiles)
+        along_y, along_x = np.gradient(data[0].astype("float64"))
+        dx = along_x * self.z_exaggeration / size_x
+        dy = along_y * self.z_exaggeration / size_y
+        out = np.degrees(np.arctan(np.sqrt(dx * dx + dy * dy))).astype("float32")[None]
         return _crop(out, valid, self.buffer)
 
 
@@ -147,6 +187,7 @@ class NormalizedIndex:
 
 ALGORITHMS: dict[str, type] = {
     "hillshade": Hillshade,
+    "slope": Slope,
     "contours": Contours,
     "terrarium": Terrarium,
     "terrainrgb": TerrainRGB,
@@ -158,6 +199,13 @@ def _crop(data: np.ndarray, valid: np.ndarray, buffer: int) -> tuple[np.ndarray,
     if not buffer:
         return data, valid
     return data[:, buffer:-buffer, buffer:-buffer], valid[buffer:-buffer, buffer:-buffer]
+
+
+def for_grid(step: Any, grid: Grid) -> Any:
+    """`step` as it runs on `grid`, the grid actually read (buffer included): a step in ground
+    units (slope) takes its pixel size; the others run as they are."""
+    on_grid = getattr(step, "on_grid", None)
+    return on_grid(grid) if on_grid is not None else step
 
 
 def make(name: str, params: str | dict[str, Any] | None = None) -> Any:
@@ -176,7 +224,7 @@ def make(name: str, params: str | dict[str, Any] | None = None) -> Any:
     params = params or {}
     if not isinstance(params, dict):
         raise ProcessError('algorithm_params: expected a JSON object, e.g. {"azimuth": 315}')
-    fields = {f.name: f for f in dataclasses.fields(kind)}
+    fields = kind.LIMITS  # the request's parameters (not what a read sets, e.g. pixel_size)
     unknown = sorted(set(params) - set(fields))
     if unknown:
         raise ProcessError(

@@ -20,6 +20,7 @@ import shapely
 
 from core import compute
 from core.access import AccessPolicy, audit, is_url, remote_prefix
+from core.algorithms import for_grid
 from core.catalog import Catalog, CatalogBackend, SearchQuery, SearchResult
 from core.compute import ComputePool, Source, Target
 from core.fetch import Fetcher
@@ -336,7 +337,7 @@ class Engine:
             return mosaic
         with clock.stage("algorithm"):
             mosaic.data, mosaic.valid = await self.compute.run(
-                algorithm.apply, mosaic.data, mosaic.valid
+                for_grid(algorithm, read_grid).apply, mosaic.data, mosaic.valid
             )
         return mosaic if mosaic.valid.any() else None
 

@@ -140,7 +140,7 @@ class Engine:
         if catalog is None and settings.catalog is None:
             raise ValueError("no catalog: pass --catalog PATH or set TERRAZZO_CATALOG")
         self.settings = settings
-        self.compute = ComputePool(settings.compute_workers)
+        self.compute = ComputePool(settings.compute_workers, arena_mb=settings.compute_arena_mb)
         self._warming: concurrent.futures.Future[list[int]] | None = None
         if warm is not None:
             starter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="terrazzo-warm")

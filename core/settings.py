@@ -83,6 +83,11 @@ class Settings(BaseSettings):
 
     # Compute stage
     compute_workers: int = Field(2, ge=1, description="Processes that warp and mosaic.")
+    compute_arena_mb: int = Field(
+        64,
+        ge=0,
+        description="Shared memory per compute worker for the arrays of a job, MiB (0: by pipe).",
+    )
 
     # Request limits
     max_tilesize: int = Field(1024, ge=64, description="Largest tilesize a tile request may ask.")

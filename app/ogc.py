@@ -41,11 +41,13 @@ from app import responses
 from app.encoders import FORMATS
 from app.params import (
     RenderParams,
+    TileParams,
     check_read,
     read_params,
     reject_unknown_query,
     render_params,
     search_query,
+    tile_params,
 )
 from core.catalog import SearchQuery
 from core.density import complete_zoom_async, tile_limit
@@ -273,6 +275,7 @@ async def tilejson(
     query: SearchQuery = Depends(search_query),
     params: ReadParams = Depends(read_params),
     render: RenderParams = Depends(render_params),
+    tile: TileParams = Depends(tile_params),  # checked here, copied into the tile URLs
 ) -> dict[str, Any]:
     """The tile parameters are copied into the `tiles` template; a combination every tile
     would refuse (a float asset as PNG without rescale, a colormap on three bands, a bidx
@@ -296,6 +299,7 @@ async def tilejson_tms(
     query: SearchQuery = Depends(search_query),
     params: ReadParams = Depends(read_params),
     render: RenderParams = Depends(render_params),
+    tile: TileParams = Depends(tile_params),  # checked here, copied into the tile URLs
 ) -> dict[str, Any]:
     """As /tilejson.json, in the matrix set `tileMatrixSetId`."""
     return await _tilejson(
@@ -444,12 +448,13 @@ async def _wmts(
     query: SearchQuery,
     params: ReadParams,
     render: RenderParams,
+    tile: TileParams,
 ) -> Response:
     tms = matrix_set(tms_id)
     kvp = {k.lower(): v for k, v in request.query_params.items() if k.lower() in KVP + KVP_TILE}
     operation = kvp.get("request", "GetCapabilities")
     if operation.lower() == "gettile":
-        return await _kvp_tile(request, tms, kvp, tilesize, query, params, render)
+        return await _kvp_tile(request, tms, kvp, tilesize, query, params, render, tile)
     if operation.lower() != "getcapabilities":
         raise ParamError(
             f"request: this WMTS answers GetCapabilities and GetTile, not {operation!r}"
@@ -482,6 +487,7 @@ async def _kvp_tile(
     query: SearchQuery,
     params: ReadParams,
     render: RenderParams,
+    tile: TileParams,
 ) -> Response:
     """A KVP GetTile (TILEMATRIXSET, TILEMATRIX, TILECOL, TILEROW, FORMAT), answered as the
     RESTful tile it names; a key missing or naming something this service lacks is a 400."""
@@ -511,7 +517,7 @@ async def _kvp_tile(
         raise ParamError("TILECOL, TILEROW: expected integers") from exc
     z = ids.index(kvp["tilematrix"])
     return await render_tile(
-        request, tms.id, z, col, row, fmt, tilesize or 256, query, params, render
+        request, tms.id, z, col, row, fmt, tilesize or 256, query, params, render, tile
     )
 
 
@@ -534,10 +540,11 @@ async def wmts(
     query: SearchQuery = Depends(search_query),
     params: ReadParams = Depends(read_params),
     render: RenderParams = Depends(render_params),
+    tile: TileParams = Depends(tile_params),
 ) -> Response:
     """The tile parameters are copied into the ResourceURL template (the KVP keys are not);
     a combination every tile would refuse is a 400 here."""
-    return await _wmts(request, DEFAULT_TMS, tilesize, tile_format, query, params, render)
+    return await _wmts(request, DEFAULT_TMS, tilesize, tile_format, query, params, render, tile)
 
 
 @router.get(
@@ -553,6 +560,7 @@ async def wmts_tms(
     query: SearchQuery = Depends(search_query),
     params: ReadParams = Depends(read_params),
     render: RenderParams = Depends(render_params),
+    tile: TileParams = Depends(tile_params),
 ) -> Response:
     """As /WMTSCapabilities.xml, in the matrix set `tileMatrixSetId`."""
-    return await _wmts(request, tileMatrixSetId, tilesize, tile_format, query, params, render)
+    return await _wmts(request, tileMatrixSetId, tilesize, tile_format, query, params, render, tile)

@@ -9,9 +9,11 @@ runs a sync dependency in its thread pool, three thread hops per tile for nothin
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from fastapi import Query, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
@@ -22,6 +24,7 @@ from core import algorithms
 from core.catalog import SearchQuery, parse_datetime_range
 from core.engine import Engine, ParamError, ReadParams
 from core.filters import parse as parse_filter
+from core.plan import Grid
 from core.process import ProcessError
 
 FILTER_LANGS = ("cql2-text", "cql2-json")
@@ -79,6 +82,60 @@ class RenderParams:
             "colormap": self.colormap,
             "return_mask": self.return_mask,
         }
+
+
+MAX_TILE_BUFFER = 64  # pixels on each side of a tile (TiTiler sets no bound; ours is memory)
+MAX_TILE_PADDING = 64
+
+
+@dataclass(frozen=True)
+class TileParams:
+    """TiTiler's tile options: `buffer` pixels added on each side of the tile (the image is
+    tilesize + 2 x buffer, e.g. for a client that computes across tile edges) and `padding`
+    pixels read beyond that and cropped (rio-tiler's: resampling kernels at the edge see real
+    neighbours rather than the edge of the read)."""
+
+    buffer: float = 0.0
+    padding: int = 0
+
+    def output_grid(self, grid: Grid) -> Grid:
+        """The image's grid: the tile's, grown by `buffer`."""
+        return grid.buffered(self.buffer)
+
+    def read_grid(self, grid: Grid) -> Grid:
+        """The grid to read for `output_grid`: grown by `padding` more."""
+        return grid.buffered(self.padding)
+
+    def crop(self, data: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A read of `read_grid` back to `output_grid`."""
+        p = self.padding
+        if not p:
+            return data, valid
+        return data[:, p:-p, p:-p], valid[p:-p, p:-p]
+
+
+async def tile_params(
+    buffer: str | None = Query(
+        None,
+        description="Pixels added on each side of the tile, a multiple of 0.5: the image is "
+        "tilesize + 2 x buffer (0.5 = 257x257, 1 = 258x258), TiTiler's.",
+    ),
+    padding: str | None = Query(
+        None,
+        description="Pixels read beyond each tile edge and cropped, so resampling at the edge "
+        "sees real neighbours (TiTiler's; default 0).",
+    ),
+) -> TileParams:
+    size = _number("buffer", buffer, float) or 0.0
+    if not (math.isfinite(size) and 0 <= size <= MAX_TILE_BUFFER and (2 * size).is_integer()):
+        raise ParamError(
+            f"buffer: a multiple of 0.5 pixels from 0 to {MAX_TILE_BUFFER} (0.5 adds one pixel "
+            f"to the tile's width), got {buffer!r}"
+        )
+    pad = _number("padding", padding, int) or 0
+    if not 0 <= pad <= MAX_TILE_PADDING:
+        raise ParamError(f"padding: whole pixels from 0 to {MAX_TILE_PADDING}, got {padding!r}")
+    return TileParams(buffer=size, padding=pad)
 
 
 async def search_query(

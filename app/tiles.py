@@ -16,10 +16,12 @@ from app.encoders import FORMATS, encode
 from app.headers import final, nothing, read_headers
 from app.params import (
     RenderParams,
+    TileParams,
     read_params,
     reject_unknown_query,
     render_params,
     search_query,
+    tile_params,
 )
 from core.catalog import SearchQuery
 from core.engine import Engine, ParamError, ReadParams
@@ -53,6 +55,7 @@ async def render_tile(
     query: SearchQuery,
     params: ReadParams,
     render: RenderParams,
+    tile: TileParams,
 ) -> Response:
     started = time.perf_counter()
     engine = _engine(request)
@@ -61,12 +64,16 @@ async def render_tile(
     limit = engine.settings.max_tilesize
     if tilesize > limit:
         raise ParamError(f"tilesize: {tilesize} is above this server's limit of {limit}")
-    grid = tile_grid(tms, z, x, y, tilesize)
+    grid = tile.output_grid(tile_grid(tms, z, x, y, tilesize))
     etag = await _etag(request, engine)
     if etag in request.headers.get("if-none-match", ""):
         return Response(status_code=304, headers=_cacheable(engine, etag))
     async with asyncio.timeout(engine.settings.tile_timeout_s):  # cancels the work, then 504
-        mosaic = await engine.read(grid, query, params)
+        mosaic = await engine.read(tile.read_grid(grid), query, params)
+    if mosaic is not None and tile.padding:
+        mosaic.data, mosaic.valid = tile.crop(mosaic.data, mosaic.valid)
+        if not mosaic.valid.any() and not mosaic.plan.truncated:
+            mosaic = None  # data only in the padding: nothing here, as without it
     if (empty := nothing(mosaic)) is not None:
         return empty
     assert mosaic is not None
@@ -218,9 +225,11 @@ async def tile_tms(
     query: SearchQuery = Depends(search_query),
     params: ReadParams = Depends(read_params),
     render: RenderParams = Depends(render_params),
+    tile: TileParams = Depends(tile_params),
 ) -> Response:
+    size = _scaled(tilesize, scale)
     return await render_tile(
-        request, tileMatrixSetId, z, x, y, format, _scaled(tilesize, scale), query, params, render
+        request, tileMatrixSetId, z, x, y, format, size, query, params, render, tile
     )
 
 
@@ -245,9 +254,11 @@ async def tile(
     query: SearchQuery = Depends(search_query),
     params: ReadParams = Depends(read_params),
     render: RenderParams = Depends(render_params),
+    tile: TileParams = Depends(tile_params),
 ) -> Response:
+    size = _scaled(tilesize, scale)
     return await render_tile(
-        request, DEFAULT_TMS, z, x, y, format, _scaled(tilesize, scale), query, params, render
+        request, DEFAULT_TMS, z, x, y, format, size, query, params, render, tile
     )
 
 

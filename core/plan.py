@@ -87,15 +87,17 @@ class Grid:
         transform = Affine((right - left) / width, 0, left, 0, -(top - bottom) / height, top)
         return cls(crs=crs, transform=transform, width=width, height=height)
 
-    def buffered(self, pixels: int) -> Grid:
-        """This grid grown by `pixels` on every side, on the same pixel lattice."""
+    def buffered(self, pixels: float) -> Grid:
+        """This grid grown by `pixels` on every side: on the same pixel lattice for whole
+        pixels; a half pixel (TiTiler's tile `buffer` of 0.5, 1.5…) grows each side by half a
+        pixel, so the lattice shifts by half a pixel and the size by one (rio-tiler's rule)."""
         if not pixels:
             return self
         return Grid(
             crs=self.crs,
             transform=self.transform * Affine.translation(-pixels, -pixels),
-            width=self.width + 2 * pixels,
-            height=self.height + 2 * pixels,
+            width=self.width + int(2 * pixels),
+            height=self.height + int(2 * pixels),
         )
 
     @property

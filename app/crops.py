@@ -158,9 +158,15 @@ def _geometry(feature: Any) -> tuple[dict[str, Any], tuple[float, float, float, 
     """The GeoJSON Feature body's (Multi)Polygon geometry and its bounds."""
     if not isinstance(feature, dict) or feature.get("type") != "Feature":
         kind = feature.get("type") if isinstance(feature, dict) else type(feature).__name__
+        # one image per request, as TiTiler's /feature (its POST /statistics takes collections)
+        fix = (
+            "crop one Feature per request (POST /statistics takes a FeatureCollection)"
+            if kind == "FeatureCollection"
+            else "wrap a bare geometry in a Feature"
+        )
         raise ParamError(
             f"body: expected a GeoJSON Feature ({{'type': 'Feature', 'geometry': ...}}), got "
-            f"{str(kind)[:40]!r}; wrap a bare geometry in a Feature"
+            f"{str(kind)[:40]!r}; {fix}"
         )
     geometry = feature.get("geometry")
     kind = geometry.get("type") if isinstance(geometry, dict) else None

@@ -239,6 +239,8 @@ def polygon(coordinates: list) -> dict:
         (TRIANGLE["geometry"], "wrap a bare geometry in a Feature"),
         ([1, 2], "expected a GeoJSON Feature"),
         (None, "expected a GeoJSON Feature"),  # JSON null
+        # TiTiler's /feature takes one Feature; a collection is for POST /statistics
+        ({"type": "FeatureCollection", "features": [TRIANGLE]}, "one Feature per request"),
         ({"type": "Feature", "geometry": {"type": "Point", "coordinates": [7, 45]}}, "Polygon"),
         (polygon([[[7, 45], [7.1, 45]]]), "not valid GeoJSON"),
         (polygon([]), "empty"),

@@ -224,6 +224,70 @@ def test_feature_collection_gives_each_feature_its_statistics(http: httpx.Client
     assert alone["properties"]["statistics"]["dem"] == sa
 
 
+@pytest.mark.parametrize("coverage", [False, True])
+def test_each_feature_of_a_collection_equals_rio_tilers_feature(
+    http: httpx.Client, hrefs: dict[str, str], coverage: bool
+) -> None:
+    """A FeatureCollection (TiTiler's POST /statistics answer: the collection, each feature
+    with `properties.statistics`): each feature's figures equal rio-tiler's `Reader.feature`
+    statistics of that feature alone, on its own grid (its bounds, width x height), all-touched
+    or coverage-weighted; a polygon, a square and a two-part MultiPolygon of different sizes."""
+    x0, y0, x1, y1 = 320000.0, 4980000.0, 326000.0, 4986000.0
+    square = [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]
+    parts = [  # two triangles far apart: one grid over both bounds, each part masked in
+        [
+            [
+                [317500.0, 4990000.0],
+                [319900.0, 4990000.0],
+                [319900.0, 4993000.0],
+                [317500.0, 4990000.0],
+            ]
+        ],
+        [
+            [
+                [327000.0, 4976000.0],
+                [330500.0, 4976500.0],
+                [329000.0, 4979000.0],
+                [327000.0, 4976000.0],
+            ]
+        ],
+    ]
+    geometries = [TRIANGLE, {"type": "Polygon", "coordinates": square}]
+    geometries.append({"type": "MultiPolygon", "coordinates": parts})
+    fc = {
+        "type": "FeatureCollection",
+        "features": [
+            {"type": "Feature", "geometry": g, "properties": {"n": n}}
+            for n, g in enumerate(geometries)
+        ],
+    }
+    params = {"coord_crs": UTM32, "width": 60, "height": 70, "assets": "dem", "p": "5,50,95"}
+    params |= {"histogram_bins": 9, "coverage": str(coverage).lower()}
+    r = http.post("/statistics", params=params, json=fc)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["type"] == "FeatureCollection" and len(body["features"]) == 3
+    utm = CRS.from_string(UTM32)
+    counts = []
+    for n, (feature, geometry) in enumerate(zip(body["features"], geometries, strict=True)):
+        assert feature["properties"]["n"] == n and feature["geometry"] == geometry
+        with Reader(hrefs["dem"]) as src:
+            img = src.feature(
+                geometry,
+                shape_crs=utm,
+                dst_crs=utm,
+                width=60,
+                height=70,
+                resampling_method="nearest",
+            )
+        weights = img.get_coverage_array(geometry, shape_crs=utm) if coverage else None
+        theirs = img.statistics(percentiles=[5, 50, 95], hist_options={"bins": 9}, coverage=weights)
+        ours = feature["properties"]["statistics"]
+        assert_same_stats(ours, theirs, ["dem"])
+        counts.append(ours["dem"]["valid_pixels"])
+    assert len(set(counts)) == 3  # three different areas, not one read three times
+
+
 def test_categorical_counts_equal_rio_tiler(http: httpx.Client, hrefs: dict[str, str]) -> None:
     params = {
         "bbox": ",".join(map(str, BBOX)),

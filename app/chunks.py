@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, model_validator
 
 from app import responses
-from app.encoders import CHUNKS_MEDIA_TYPE, chunk_frame, frame
+from app.encoders import CHUNKS_MEDIA_TYPE, chunk_frame_parts, frame
 from app.params import algorithm_step, reject_unknown_query
 from core.algorithms import for_grid
 from core.catalog import SearchQuery, parse_datetime_range
@@ -257,7 +257,7 @@ class StallSafeStream(StreamingResponse):
     the connection is closed; a reading client never waits that long for one frame.
     """
 
-    def __init__(self, content: AsyncIterator[bytes], *, stall_timeout_s: float, **kw: Any):
+    def __init__(self, content: AsyncIterator[Any], *, stall_timeout_s: float, **kw: Any):
         super().__init__(content, **kw)
         self.stall_timeout_s = stall_timeout_s
 
@@ -285,9 +285,10 @@ class _Stalled(Exception):
     is an error of the stream, logged as one, never passed off as a client that stopped)."""
 
 
-async def _frames(results: AsyncIterator) -> AsyncIterator[bytes]:
+async def _frames(results: AsyncIterator) -> AsyncIterator[bytes | memoryview]:
     counts = {"ok": 0, "empty": 0, "error": 0}
     async for result in results:
         counts[result.status] += 1
-        yield chunk_frame(result)
+        for part in chunk_frame_parts(result):  # the pixels as they are, never joined
+            yield part
     yield frame({"id": None, "status": "end", "chunks": sum(counts.values()), **counts})

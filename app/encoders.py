@@ -1,6 +1,7 @@
 """Encoders: a mosaic (data, validity) to image bytes — PNG, JPEG, WebP, NPY, GeoTIFF.
 
-Post-processing follows TiTiler: `rescale` maps each band's min,max to 0..255 (uint8), a
+Post-processing follows TiTiler's render, in its order: `rescale` maps each band's min,max
+to 0..255 (uint8), `color_formula` applies rio-color's operations (app.color_formula), a
 `colormap_name` colours a single band, and npy returns the data bands followed by the mask band
 (0 = no data, 255 = data). These are plain functions so the compute pool can run them.
 """
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from app import png
+from app.color_formula import ColorFormula
 
 # rio_tiler is imported where it is used: importing it costs ~0.7 s (it imports xarray and
 # pandas), which the server's start-up would pay before the catalog opens; app.main imports it
@@ -99,6 +101,7 @@ def check_render(
     rescale: Sequence[tuple[float, float]] = (),
     colormap_name: str | None = None,
     colormap: Any = None,
+    color_formula: ColorFormula | None = None,
 ) -> None:
     """Refuse, with the fix in the message, what `fmt` cannot carry of `bands` bands of
     `dtype`: decided from the layout alone, so `encode` asks it of each tile and TileJSON and
@@ -107,6 +110,19 @@ def check_render(
     for full 8-bit tiles): PNG's rules apply. `colormap` is a parsed custom one."""
     dtype = np.dtype(dtype)
     eight_bit = bool(rescale) or dtype == np.uint8
+    if color_formula is not None:
+        # rio-color scales by the integer dtype's range (rio-tiler's to_math_type): floats
+        # have none, so they are rescaled first, as a TiTiler user does
+        if not (eight_bit or dtype.kind in "iu"):
+            raise EncodeError(
+                f"color_formula: works on integer data and the tile is {dtype}; add rescale=min,max"
+            )
+        if bands < color_formula.bands:
+            raise EncodeError(
+                f"color_formula: uses band {color_formula.bands} (saturation: bands 1-3) and "
+                f"the tile has {bands}; pick bands with bidx or assets"
+            )
+        eight_bit = True  # its output is uint8
     fmt = "png" if fmt in (None, "pngraw") else fmt
     if colormap_name and colormap is not None:
         raise EncodeError("colormap, colormap_name: give one")
@@ -146,6 +162,7 @@ def encode(
     rescale: Sequence[tuple[float, float]] = (),
     colormap_name: str | None = None,
     colormap: Any = None,
+    color_formula: ColorFormula | None = None,
     return_mask: bool = True,
     crs: str | None = None,
     transform: tuple[float, ...] | None = None,
@@ -162,9 +179,12 @@ def encode(
         rescale=rescale,
         colormap_name=colormap_name,
         colormap=colormap,
+        color_formula=color_formula,
     )
     if rescale:
         data = apply_rescale(data, rescale)
+    if color_formula is not None:
+        data = color_formula.apply(data)
     if colormap_name:
         colormap = cmap.get(colormap_name)
     if fmt == "pngraw":
@@ -196,18 +216,29 @@ CHUNKS_MEDIA_TYPE = "application/x-terrazzo-chunks"
 _FRAME_PREFIX = struct.Struct("<4sI")
 
 
-def frame(header: dict[str, Any], parts: Sequence[tuple[str, bytes]] = ()) -> bytes:
-    """b"TZCH" | uint32 LE header length | JSON header | payload (named parts, in order)."""
+def frame_parts(
+    header: dict[str, Any], parts: Sequence[tuple[str, bytes | memoryview]] = ()
+) -> list[bytes | memoryview]:
+    """b"TZCH" | uint32 LE header length | JSON header | payload (named parts, in order), as
+    the pieces to write one after the other: the arrays' memory is sent as it is (joining it
+    into one bytes object first was two copies of every chunk's pixels on the event loop)."""
     spans, offset = {}, 0
     for name, blob in parts:
-        spans[name] = [offset, len(blob)]
-        offset += len(blob)
+        size = memoryview(blob).nbytes
+        spans[name] = [offset, size]
+        offset += size
     head = json.dumps({**header, "payload": spans, "payload_bytes": offset}).encode()
-    return _FRAME_PREFIX.pack(b"TZCH", len(head)) + head + b"".join(blob for _, blob in parts)
+    return [_FRAME_PREFIX.pack(b"TZCH", len(head)) + head, *(blob for _, blob in parts)]
 
 
-def chunk_frame(result: Any) -> bytes:
-    """One chunk result (core.chunks.ChunkResult) as a frame: data C-order LE, mask packbits."""
+def frame(header: dict[str, Any], parts: Sequence[tuple[str, bytes | memoryview]] = ()) -> bytes:
+    """`frame_parts` as one bytes object."""
+    return b"".join(frame_parts(header, parts))
+
+
+def chunk_frame_parts(result: Any) -> list[bytes | memoryview]:
+    """One chunk result (core.chunks.ChunkResult) as a frame's pieces (`frame_parts`): data
+    C-order LE, mask packbits."""
     g = result.grid
     header: dict[str, Any] = {
         "id": result.id,
@@ -227,7 +258,7 @@ def chunk_frame(result: Any) -> bytes:
         header["plan"] = result.plan
     if getattr(result, "statistics", None) is not None:
         header["statistics"] = result.statistics
-    parts: list[tuple[str, bytes]] = []
+    parts: list[tuple[str, bytes | memoryview]] = []
     if result.data is not None:
         data = result.data.astype(result.data.dtype.newbyteorder("<"), copy=False)
         header.update(dtype=data.dtype.str, shape=list(data.shape), time=result.time)
@@ -235,7 +266,12 @@ def chunk_frame(result: Any) -> bytes:
         if result.layout:
             header["bands"] = result.layout.get("names")
         parts = [
-            ("data", np.ascontiguousarray(data).tobytes()),
+            ("data", memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))),
             ("mask", np.packbits(result.valid, axis=None).tobytes()),
         ]
-    return frame(header, parts)
+    return frame_parts(header, parts)
+
+
+def chunk_frame(result: Any) -> bytes:
+    """`chunk_frame_parts` as one bytes object."""
+    return b"".join(chunk_frame_parts(result))

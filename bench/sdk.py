@@ -62,7 +62,19 @@ from bench.remote import TITILER_GDAL, cog_server, free_port, remote_catalog
 from bench.tiles import source_items, write_catalog
 
 CRS = "EPSG:32632"
-DEFAULT_TZ = (512, 8)  # the client's defaults: chunk_size=512, Config.chunks_per_request=8
+
+
+def _client_defaults() -> tuple[int, int]:
+    """The client's own defaults (Client.read's chunk_size, Config.chunks_per_request)."""
+    import inspect
+
+    from terrazzo import AsyncClient, Config
+
+    size = inspect.signature(AsyncClient.read).parameters["chunk_size"].default
+    return size, Config("").chunks_per_request
+
+
+DEFAULT_TZ = _client_defaults()
 
 
 # -- the catalogs ------------------------------------------------------------------------------
@@ -784,7 +796,8 @@ def main() -> None:
     print()
     print(
         "Terrazzo client vs odc-stac (median; ratio = odc-stac s / terrazzo s, >1: Terrazzo "
-        "faster; odc-stac at its fastest pool; 'dflt' = chunk_size 512, chunks_per_request 8)"
+        "faster; odc-stac at its fastest pool; 'dflt' = the client's defaults, chunk_size "
+        f"{DEFAULT_TZ[0]}, chunks_per_request {DEFAULT_TZ[1]})"
     )
     print("\n".join(table(main_rows)))
     print("\nsweep: chunk_size x chunks_per_request (Config.concurrency 16)")

@@ -43,7 +43,7 @@ import numpy as np
 from affine import Affine
 
 from core import faults, process
-from core.mosaic import METHODS
+from core.mosaic import METHODS, Paste
 from core.plan import AssetRead
 from core.process import Process
 from core.warp import Window, aligned, warp_part
@@ -172,11 +172,26 @@ def mosaic(
     layers: Sequence[Layer], method: str, shape: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Combine warped layers in order with one fresh instance of `method`, on the whole
-    (height, width) grid (each layer arrives as its window, expanded here in the worker)."""
-    combiner = METHODS[method]()
+    (height, width) grid (each layer arrives as its window: pasted there by first and last,
+    expanded to the grid for the others)."""
+    kind = METHODS[method]
+    if kind.paste:
+        dtype = np.result_type(*(data.dtype for data, _, _ in layers))
+        paste = Paste(layers[0][0].shape[0], shape, dtype, first=method == "first")
+        for data, valid, window in layers:
+            paste.feed(data, valid, window)
+        return paste.result()
+    combiner = kind()
     for layer in layers:
         combiner.feed(*expand(layer, shape))
     return combiner.result()
+
+
+def is_paste(layers: Sequence[Layer], method: str) -> bool:
+    """Whether `mosaic` of these only copies pixels (first, last) and is small enough for the
+    event loop (INLINE_COPY_MAX_BYTES), where it is cheaper than a trip to the pool."""
+    size = sum(data.nbytes + valid.nbytes for data, valid, _ in layers)
+    return METHODS[method].paste and size <= INLINE_COPY_MAX_BYTES
 
 
 def _warm(modules: tuple[str, ...] = ()) -> int:

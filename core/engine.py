@@ -409,12 +409,12 @@ class Engine:
         else:
             with clock.stage("mosaic"):
                 whole = (0, 0, plan.grid.width, plan.grid.height)
-                data, valid = await self.compute.run(
-                    compute.mosaic,
-                    [(m.data, m.valid, whole) for m in layers],
-                    "first",
-                    (plan.grid.height, plan.grid.width),
-                )
+                parts = [(m.data, m.valid, whole) for m in layers]
+                shape = (plan.grid.height, plan.grid.width)
+                if compute.is_paste(parts, "first"):
+                    data, valid = compute.mosaic(parts, "first", shape)
+                else:
+                    data, valid = await self.compute.run(compute.mosaic, parts, "first", shape)
         return Mosaic(data=data, valid=valid, plan=merged, errors=errors, clock=clock)
 
     async def execute(
@@ -495,7 +495,10 @@ class Engine:
             data, valid = compute.expand(done[0], shape)  # a copy into the grid at most
         else:
             with clock.stage("mosaic"):
-                data, valid = await self.compute.run(compute.mosaic, done, params.method, shape)
+                if compute.is_paste(done, params.method):
+                    data, valid = compute.mosaic(done, params.method, shape)
+                else:
+                    data, valid = await self.compute.run(compute.mosaic, done, params.method, shape)
         if not valid.any():
             return None
         return Mosaic(data=data, valid=valid, plan=plan, errors=errors, clock=clock)

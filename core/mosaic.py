@@ -10,7 +10,12 @@ import numpy as np
 
 
 class MosaicMethod:
-    """Base: feed (bands, h, w) data with an (h, w) validity mask, then take the result."""
+    """Base: feed (bands, h, w) data with an (h, w) validity mask, then take the result.
+
+    `paste` (first, last) says a method only copies pixels: it is fed each layer as its window
+    of the grid (`Paste`), without expanding it to the whole grid first."""
+
+    paste = False
 
     #: True when a single layer is already the answer (no pool round trip needed).
     identity_for_one = True
@@ -43,10 +48,35 @@ class MosaicMethod:
         return False
 
 
+class Paste:
+    """First or last on windows: each layer's valid pixels copied into one grid-sized result
+    where they may land (under `first`, where nothing is yet), in place.
+
+    Why: `First.feed` on grid-sized layers allocated a grid per layer (expanding its window)
+    and a new grid per `np.where`; a 1024² chunk of 2-4 items paid ~5 ms of that per layer
+    where the copy itself is ~1 ms. The result is the same: pixels nowhere valid are 0."""
+
+    def __init__(self, bands: int, shape: tuple[int, int], dtype: np.dtype, first: bool) -> None:
+        self.data = np.zeros((bands, *shape), dtype=dtype)
+        self.valid = np.zeros(shape, dtype=bool)
+        self.first = first
+
+    def feed(self, data: np.ndarray, valid: np.ndarray, window: tuple[int, int, int, int]) -> None:
+        col, row, width, height = window
+        here = self.valid[row : row + height, col : col + width]  # a view: updated in place
+        take = valid & ~here if self.first else valid
+        np.copyto(self.data[:, row : row + height, col : col + width], data, where=take)
+        here |= take
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.data, self.valid
+
+
 class First(MosaicMethod):
     """Each pixel from the first layer that has data there (newest on top by default)."""
 
     repeats_count = False
+    paste = True
 
     def feed(self, data: np.ndarray, valid: np.ndarray) -> None:
         if self._start(data, valid):
@@ -59,6 +89,7 @@ class Last(MosaicMethod):
     """Each pixel from the last layer that has data there."""
 
     repeats_count = False
+    paste = True
 
     def feed(self, data: np.ndarray, valid: np.ndarray) -> None:
         if self._start(data, valid):

@@ -53,6 +53,7 @@ def encode_crop(
         valid = valid & inside(geometry, geometry_crs or crs, crs, transform, width, height)
     if fmt is None:
         eight_bit = data.dtype == np.uint8 or bool(render.get("rescale"))
+        eight_bit = eight_bit or render.get("color_formula") is not None
         fmt = "jpeg" if eight_bit and valid.all() else "png"
     body = encode(
         data,

@@ -18,6 +18,7 @@ from fastapi import Query, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
+from app import color_formula as formulas
 from app.encoders import check_colormap, check_render, parse_colormap
 from app.guard import TOKEN_PARAMETER
 from core import algorithms
@@ -73,6 +74,12 @@ class RenderParams:
     colormap_name: str | None = None
     colormap: Any = None  # parsed custom colormap (app.encoders.parse_colormap)
     return_mask: bool = True
+    color_formula: formulas.ColorFormula | None = None
+
+    @property
+    def eight_bit(self) -> bool:
+        """Whether the render makes 8-bit bands of any data (the tile routes' JPEG choice)."""
+        return bool(self.rescale) or self.color_formula is not None
 
     def options(self) -> dict[str, Any]:
         """`app.encoders.encode`'s keyword arguments for these render choices."""
@@ -80,6 +87,7 @@ class RenderParams:
             "rescale": self.rescale,
             "colormap_name": self.colormap_name,
             "colormap": self.colormap,
+            "color_formula": self.color_formula,
             "return_mask": self.return_mask,
         }
 
@@ -271,6 +279,11 @@ async def render_params(
     return_mask: str | None = Query(
         None, description="false: no mask (alpha) band in the image (default true)."
     ),
+    color_formula: str | None = Query(
+        None,
+        description="rio-color operations after rescale, e.g. 'Gamma RGB 3.5 Saturation 1.7 "
+        "Sigmoidal RGB 15 0.35' (gamma BANDS g, sigmoidal BANDS contrast bias, saturation p).",
+    ),
 ) -> RenderParams:
     ranges = []
     for value in rescale or []:
@@ -289,11 +302,16 @@ async def render_params(
         raise ParamError(str(exc)) from exc
     if custom is not None and colormap_name:
         raise ParamError("colormap, colormap_name: give one")
+    try:
+        formula = formulas.parse(color_formula) if color_formula is not None else None
+    except formulas.ColorFormulaError as exc:
+        raise ParamError(str(exc)) from None
     return RenderParams(
         rescale=tuple(ranges),
         colormap_name=colormap_name,
         colormap=custom,
         return_mask=True if return_mask is None else _boolean("return_mask", return_mask),
+        color_formula=formula,
     )
 
 
@@ -317,6 +335,7 @@ async def check_read(
             rescale=render.rescale,
             colormap_name=render.colormap_name,
             colormap=render.colormap,
+            color_formula=render.color_formula,
         )
     return layout
 

@@ -79,7 +79,7 @@ async def render_tile(
     assert mosaic is not None
     if fmt is None:
         needs_mask = not mosaic.valid.all()
-        eight_bit = mosaic.data.dtype == np.uint8 or bool(render.rescale)
+        eight_bit = mosaic.data.dtype == np.uint8 or render.eight_bit
         fmt = "jpeg" if eight_bit and not needs_mask else "png"
     with mosaic.clock.stage("encode"):
         body = await engine.compute.run(

@@ -14,6 +14,7 @@ import asyncio
 import math
 import re
 import time
+from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import Annotated, Any
 
@@ -225,23 +226,45 @@ def _size(
     return width, height
 
 
+@dataclass(frozen=True)
+class CropOptions:
+    """What every crop route takes besides its area, size and format: the coordinates' and
+    output CRSs, max_size and the tile parameters (one dependency, so four routes declare it
+    once and cannot drift apart)."""
+
+    coord_crs: str | None
+    dst_crs: str | None
+    max_size: str | None
+    query: SearchQuery
+    params: ReadParams
+    render: RenderParams
+
+
+async def crop_options(
+    coord_crs: CoordCRS = None,
+    dst_crs: DstCRS = None,
+    max_size: MaxSize = None,  # declared on the sized routes too, as TiTiler does; a size wins
+    query: SearchQuery = Depends(search_query),
+    params: ReadParams = Depends(read_params),
+    render: RenderParams = Depends(render_params),
+) -> CropOptions:
+    return CropOptions(coord_crs, dst_crs, max_size, query, params, render)
+
+
 async def render_crop(
     request: Request,
+    crop: CropOptions,
     *,
     fmt: str | None,
-    coord_crs: str | None,
-    dst_crs: str | None,
-    max_size: str | None,
-    size: tuple[str, str] | None,
-    query: SearchQuery,
-    params: ReadParams,
-    render: RenderParams,
+    size: tuple[str, str] | None = None,
     bbox: tuple[float, float, float, float] | None = None,
     feature: Any = None,
 ) -> Response:
     """One crop: the grid from the bbox (or the feature's bounds), the combination checked,
     the mosaic read on the grid, masked outside the feature and encoded in one pool job."""
     started = time.perf_counter()
+    coord_crs, dst_crs, max_size = crop.coord_crs, crop.dst_crs, crop.max_size
+    query, params, render = crop.query, crop.params, crop.render
     engine = _engine(request)
     if fmt is not None and fmt not in FORMATS:
         raise ParamError(f"format: unknown {fmt!r}; choose one of {sorted(FORMATS)}")
@@ -321,25 +344,9 @@ async def bbox_image(
     maxx: str,
     maxy: str,
     format: str,
-    coord_crs: CoordCRS = None,
-    dst_crs: DstCRS = None,
-    max_size: MaxSize = None,
-    query: SearchQuery = Depends(search_query),
-    params: ReadParams = Depends(read_params),
-    render: RenderParams = Depends(render_params),
+    crop: CropOptions = Depends(crop_options),
 ) -> Response:
-    return await render_crop(
-        request,
-        fmt=format,
-        coord_crs=coord_crs,
-        dst_crs=dst_crs,
-        max_size=max_size,
-        size=None,
-        query=query,
-        params=params,
-        render=render,
-        bbox=_bbox(minx, miny, maxx, maxy),
-    )
+    return await render_crop(request, crop, fmt=format, bbox=_bbox(minx, miny, maxx, maxy))
 
 
 @router.get(
@@ -356,25 +363,10 @@ async def bbox_image_sized(
     width: str,
     height: str,
     format: str,
-    coord_crs: CoordCRS = None,
-    dst_crs: DstCRS = None,
-    max_size: MaxSize = None,  # declared as TiTiler does; a size in the path wins
-    query: SearchQuery = Depends(search_query),
-    params: ReadParams = Depends(read_params),
-    render: RenderParams = Depends(render_params),
+    crop: CropOptions = Depends(crop_options),
 ) -> Response:
-    return await render_crop(
-        request,
-        fmt=format,
-        coord_crs=coord_crs,
-        dst_crs=dst_crs,
-        max_size=max_size,
-        size=(width, height),
-        query=query,
-        params=params,
-        render=render,
-        bbox=_bbox(minx, miny, maxx, maxy),
-    )
+    bbox = _bbox(minx, miny, maxx, maxy)
+    return await render_crop(request, crop, fmt=format, size=(width, height), bbox=bbox)
 
 
 FEATURE_BODY = Body(
@@ -405,25 +397,9 @@ async def feature_image(
     request: Request,
     feature: Annotated[Any, FEATURE_BODY],
     format: Format = None,
-    coord_crs: CoordCRS = None,
-    dst_crs: DstCRS = None,
-    max_size: MaxSize = None,
-    query: SearchQuery = Depends(search_query),
-    params: ReadParams = Depends(read_params),
-    render: RenderParams = Depends(render_params),
+    crop: CropOptions = Depends(crop_options),
 ) -> Response:
-    return await render_crop(
-        request,
-        fmt=format,
-        coord_crs=coord_crs,
-        dst_crs=dst_crs,
-        max_size=max_size,
-        size=None,
-        query=query,
-        params=params,
-        render=render,
-        feature=feature,
-    )
+    return await render_crop(request, crop, fmt=format, feature=feature)
 
 
 @router.post(
@@ -437,22 +413,6 @@ async def feature_image_sized(
     height: str,
     format: str,
     feature: Annotated[Any, FEATURE_BODY],
-    coord_crs: CoordCRS = None,
-    dst_crs: DstCRS = None,
-    max_size: MaxSize = None,
-    query: SearchQuery = Depends(search_query),
-    params: ReadParams = Depends(read_params),
-    render: RenderParams = Depends(render_params),
+    crop: CropOptions = Depends(crop_options),
 ) -> Response:
-    return await render_crop(
-        request,
-        fmt=format,
-        coord_crs=coord_crs,
-        dst_crs=dst_crs,
-        max_size=max_size,
-        size=(width, height),
-        query=query,
-        params=params,
-        render=render,
-        feature=feature,
-    )
+    return await render_crop(request, crop, fmt=format, size=(width, height), feature=feature)

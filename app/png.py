@@ -6,6 +6,13 @@ so one filter for every row ("Up": each byte minus the byte above) compresses as
 (measured on demo tiles: 33.5 KB against GDAL's 35.0 KB), and zlib-ng deflates at the same
 level about 3x faster than zlib. 8-bit pixels decode identically to GDAL's; 16-bit tiles get
 a full-range alpha (65535) where rio-tiler's stacked 8-bit mask gave 255, nearly transparent.
+
+Level 3, not zlib's default 6: on 59 demo tiles (z9-z12, 256² RGBA, the Up filter) level 6
+took 4.0-4.3 ms per tile for 32.3 KB, level 3 1.15 ms for 36.2 KB (GDAL's PNG driver at
+level 6: 35.0 KB), level 1 0.47 ms for 63.4 KB. The deflate was a fifth of a tile's CPU; the
+pixels are the same at every level (lossless). Measured beside isal (level 1: 0.34 ms,
+41.1 KB) and libdeflate (level 1: 0.81 ms, 37.7 KB): 3 ms less per tile needed no new
+dependency.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from zlib_ng import zlib_ng
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _UP = 2  # PNG filter type
 _COLOR_TYPE = {2: 4, 4: 6}  # samples per pixel -> grey+alpha, RGB+alpha
-LEVEL = 6  # zlib's default, as GDAL's PNG driver
+LEVEL = 3  # see above: a quarter of level 6's time for 12% more bytes
 
 
 def _chunk(tag: bytes, data: bytes) -> bytes:

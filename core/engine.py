@@ -106,7 +106,7 @@ class ReadParams:
         """The processes each item's stacked bands go through before the mosaic: `bidx`'s
         band selection or the expression (its band names from these reads' assets)."""
         if self.bidx:
-            return [Bands(self.bidx)]
+            return [Bands(self.bidx, tuple(dict.fromkeys(r.asset for r in reads)))]
         if self.expression:
             variables = band_variables([(r.asset, r.count) for r in reads])
             return [Expression(self.expression, tuple(variables))]
@@ -639,13 +639,7 @@ def band_layout(
         layer = np.result_type(*(np.dtype(r.dtype) for r in reads))
     try:
         names, layer = item_layout(params.item_steps(reads), names, layer)
-    except ProcessError as exc:
-        if params.bidx:  # the only way band selection fails: name the assets read
-            assets = ", ".join(dict.fromkeys(r.asset for r in reads))
-            raise ParamError(
-                f"bidx: band {max(params.bidx)} does not exist; assets {assets} have "
-                f"{len(names)} band(s)"
-            ) from exc
+    except ProcessError as exc:  # each step's message names the parameter and the fix
         raise ParamError(str(exc)) from exc
     out = METHODS[params.method].output_dtype(layer)
     if params.algorithm is not None:  # after the mosaic, on its bands

@@ -115,14 +115,17 @@ def band_variables(assets: Sequence[tuple[str, int]]) -> list[tuple[str, ...]]:
 
 @dataclass(frozen=True)
 class Bands:
-    """`bidx`: 1-based bands of the stacked input, in the order asked."""
+    """`bidx`: 1-based bands of the stacked input, in the order asked. `assets` (those read,
+    in order) only name what was read when a band is missing: the message is this step's."""
 
     bidx: tuple[int, ...]
+    assets: tuple[str, ...] = ()
 
     def layout(self, names: list[str], dtype: np.dtype) -> tuple[list[str], np.dtype]:
         if self.bidx and max(self.bidx) > len(names):
+            read = f"assets {', '.join(self.assets)} have" if self.assets else "the input has"
             raise ProcessError(
-                f"bidx: band {max(self.bidx)} does not exist; the input has {len(names)} band(s)"
+                f"bidx: band {max(self.bidx)} does not exist; {read} {len(names)} band(s)"
             )
         return [names[b - 1] for b in self.bidx], np.dtype(dtype)
 

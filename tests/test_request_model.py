@@ -25,7 +25,8 @@ WMTS_NS = {"w": "http://www.opengis.net/wmts/1.0", "ows": "http://www.opengis.ne
 REFUSED = [
     ({"assets": "dem"}, "png holds 8- or 16-bit"),  # float32 without rescale
     ({"colormap_name": "viridis"}, "needs one band"),  # visual has 3
-    ({"bidx": "5"}, "band 5 does not exist"),
+    ({"bidx": "5"}, "band 5 does not exist; assets visual have 3 band(s)"),
+    ({"assets": "visual,dem", "bidx": "1,5"}, "band 5 does not exist; assets visual, dem have 4"),
     ({"assets": "dem", "colormap_name": "viridis"}, "8-bit"),
     ({"assets": "nope"}, "unknown ['nope']"),
     ({"sortby": "-cloudiness"}, "cloudiness"),

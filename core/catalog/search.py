@@ -16,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from shapely.geometry.base import BaseGeometry
 
 from core import schema
 from core.catalog import sql
+from core.catalog.prefilter import MAX_ROWS, Prefilter
 from core.catalog.query import (
     DEFAULT_LIMIT,
     Item,
@@ -69,11 +71,12 @@ class Searching(Snapshots):
         newer ones cover is left out; with `exitwhenfull` the search ends once every point is
         covered (core.cover samples the area). Footprints are only a guide: the engine fills
         what they promised and did not hold (core.engine.Engine.complete).
-        `truncated` is set whenever a matching item was left out by a limit.
+        `truncated` is set whenever a matching item was left out by a limit. The candidates
+        come from `_candidates` (the prefilter's cache or DuckDB: the same rows in the same
+        order).
         """
         self.reload_if_replaced()
         limit = DEFAULT_LIMIT if query.limit is None else max(0, int(query.limit))
-        text, params = self._build_sql(query)
         deadline = None if query.time_limit is None else time.monotonic() + query.time_limit
         area = query.intersects
         cover = (
@@ -82,50 +85,96 @@ class Searching(Snapshots):
             else None
         )
         result = SearchResult(items=[])
-        # a small first page: with exitwhenfull a tile is often full after a few items, and
-        # each row fetched is converted to Python; pages grow fourfold after that
-        page, offset = min(limit, 24) + 8, 0
+        for item, footprint in self._candidates(query, limit):
+            if query.scan_limit is not None and result.scanned >= query.scan_limit:
+                result.truncated = f"scan_limit: {query.scan_limit} candidates scanned"
+                return result
+            if deadline is not None and time.monotonic() > deadline:
+                result.truncated = f"time_limit: search stopped after {query.time_limit} s"
+                return result
+            result.scanned += 1
+            points = None  # the cover samples this item's footprint holds
+            if area is not None and item.error is None:
+                assert footprint is not None  # else item.error says so
+                if not footprint.intersects(area):
+                    continue
+                if cover is not None:
+                    points = cover.points(footprint)
+                    if query.skipcovered and not cover.adds(points):
+                        result.covered_skips += 1
+                        continue
+            if len(result.items) >= limit:
+                result.truncated = f"items_limit: more than {limit} items match"
+                return result
+            result.items.append(item)
+            if cover is not None:
+                cover.add(points)
+                if query.exitwhenfull and cover.full:
+                    result.full = True
+                    return result
+        return result
+
+    def prefilter(self) -> Prefilter | None:
+        """The arrays of the snapshot in use (core.catalog.prefilter), built on first use
+        (below MAX_ROWS rows): None for a larger catalog, whose searches all run in DuckDB."""
+        alias = self._attached[-1][0]
+        index = getattr(self, "_prefilter", None)
+        if index is not None and index.alias == alias:
+            return index
+        if getattr(self, "_prefilter_skipped", None) == alias:
+            return None
+        cursor = self._cursor()
+        (rows,) = cursor.execute(f"SELECT count(*) FROM {alias}.items").fetchone() or (0,)
+        if rows > MAX_ROWS:
+            self._prefilter_skipped = alias
+            return None
+        self._prefilter = index = Prefilter(cursor, alias, self.columns)
+        return index
+
+    def _candidates(
+        self, query: SearchQuery, limit: int
+    ) -> Iterator[tuple[Item, BaseGeometry | None]]:
+        """The bbox candidates of `query` in sort order, as items with their footprints:
+        from the prefilter's cache as far as it holds them, then from DuckDB page after page
+        (a small first page: with exitwhenfull a tile is often full after a few items, and
+        each row fetched is converted to Python; pages grow fourfold after that)."""
+        index = self.prefilter() if Prefilter.serves(query) else None
+        assets = self._assets_expr(query.assets)
+        table, offset = "items", 0
+        if index is not None:
+            rowids = index.candidates(query)
+            hit = index.cached(rowids, assets)
+            yield from hit
+            if len(hit) == len(rowids):
+                return
+            table = f"{index.alias}.items"  # the rows of the arrays' snapshot, with rowid
+            offset = len(hit)  # the same candidates in the same order: the rest from SQL
+        text, params = self._build_sql(query, table=table, rowid=index is not None)
+        page = min(limit, 24) + 8
         while True:
             rows = self._fetch(f"{text} LIMIT {page} OFFSET {offset}", params, query)
             for row in rows:
-                if query.scan_limit is not None and result.scanned >= query.scan_limit:
-                    result.truncated = f"scan_limit: {query.scan_limit} candidates scanned"
-                    return result
-                if deadline is not None and time.monotonic() > deadline:
-                    result.truncated = f"time_limit: search stopped after {query.time_limit} s"
-                    return result
-                result.scanned += 1
+                if index is not None:
+                    rowid, *rest = row
+                    row = tuple(rest)
                 footprint = parse_footprint(row[5])
                 item = self._to_item(row, footprint)
-                points = None  # the cover samples this item's footprint holds
-                if area is not None and item.error is None:
-                    assert footprint is not None  # else item.error says so
-                    if not footprint.intersects(area):
-                        continue
-                    if cover is not None:
-                        points = cover.points(footprint)
-                        if query.skipcovered and not cover.adds(points):
-                            result.covered_skips += 1
-                            continue
-                if len(result.items) >= limit:
-                    result.truncated = f"items_limit: more than {limit} items match"
-                    return result
-                result.items.append(item)
-                if cover is not None:
-                    cover.add(points)
-                    if query.exitwhenfull and cover.full:
-                        result.full = True
-                        return result
+                if index is not None:
+                    index.keep(rowid, assets, (item, footprint))
+                yield item, footprint
             if len(rows) < page:
-                return result
+                return
             offset += page
             page *= 4
 
-    def _build_sql(self, query: SearchQuery) -> tuple[str, list[Any]]:
+    def _build_sql(
+        self, query: SearchQuery, table: str = "items", rowid: bool = False
+    ) -> tuple[str, list[Any]]:
         where, params = sql.where(query, self.columns)
         props = self._property_columns()
         select = ", ".join(
-            [
+            ["rowid"] * rowid
+            + [
                 "id",
                 sql.collection_expr(self.columns),
                 sql.datetime_expr(self.columns),
@@ -135,7 +184,7 @@ class Searching(Snapshots):
             ]
             + [sql.quote(p) for p in props]
         )
-        text = f"SELECT {select} FROM items{where}"
+        text = f"SELECT {select} FROM {table}{where}"
         return text + " ORDER BY " + sql.order_by(query.sortby, self.columns), params
 
     def _assets_expr(self, wanted: tuple[str, ...]) -> str:

@@ -12,7 +12,7 @@ def test_mixed_load_no_5xx_and_low_loop_lag(demo_catalog: Path) -> None:
     summary = load.main(["--catalog", str(demo_catalog), "--clients", "32", "--seconds", "8"])
     assert summary["requests"] > 50
     assert summary["5xx_or_errors"] == 0, summary["status"]
-    # 250 ms, not 100: stalls of ~250 ms appear in the first seconds of serving (two CI runs:
-    # p99 120 and 150 ms, max 255-266 ms); not yet found, left to the performance issue. A
-    # blocking warp or decode on the loop (what this guards against) holds it for seconds.
-    assert summary["loop_lag_ms"]["p99"] < 250, summary["loop_lag_ms"]
+    # A blocking warp or decode on the loop (what this guards against) holds it for seconds.
+    # The stalls of 130-390 ms two CI runs saw early in serving were FastAPI building each
+    # included router's routes on its first request (app.main._build_routes does it first).
+    assert summary["loop_lag_ms"]["p99"] < 100, summary["loop_lag_ms"]

@@ -35,6 +35,7 @@ import struct
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -280,7 +281,11 @@ class _Arena:
             shm.close()
             shm.unlink()
             return None
-        return cls(shm.name, size, owner=shm)
+        arena = cls(shm.name, size, owner=shm)
+        # unlinked at exit when no one closed the pool (a script that never called
+        # Engine.close): else the resource tracker warns of a leak and unlinks it itself
+        weakref.finalize(arena, _unlink, shm)
+        return arena
 
     @classmethod
     def attach(cls, name: str, size: int) -> _Arena:
@@ -316,6 +321,11 @@ class _Arena:
                     self._owner.unlink()
             elif self._mapping is not None:
                 self._mapping.close()
+
+
+def _unlink(shm: Any) -> None:
+    with contextlib.suppress(OSError, FileNotFoundError):
+        shm.unlink()
 
 
 _PIPE, _SHARED = 0, 1  # where a buffer of a message travels

@@ -154,6 +154,22 @@ def check_render(
         )
 
 
+def plain_png(data: np.ndarray, fmt: str, options: dict[str, Any]) -> bool:
+    """Whether `encode` of this is `app.png` alone (a PNG with its mask, no colormap or colour
+    formula; a rescale is numpy): numpy and zlib-ng, which release the GIL for their work, so
+    a thread may run it. A compute-pool job cost ~1 ms of CPU more per tile than the encode
+    itself (1024 demo-like 256² tiles: 2.08 vs 1.12 ms CPU per tile); the other renders are
+    GDAL's (rio-tiler's `render`) and stay in the pool, where a native crash costs a worker."""
+    if fmt != "png" or not options.get("return_mask", True):
+        return False
+    if options.get("colormap") is not None or options.get("colormap_name"):
+        return False
+    if options.get("color_formula") is not None:
+        return False
+    dtype = np.dtype("uint8") if options.get("rescale") else data.dtype
+    return data.ndim == 3 and data.shape[0] in (1, 3) and dtype in (np.uint8, np.uint16)
+
+
 def encode(
     data: np.ndarray,
     valid: np.ndarray,

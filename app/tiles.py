@@ -12,7 +12,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
 from app import responses
-from app.encoders import FORMATS, encode
+from app.encoders import FORMATS, encode, plain_png
 from app.headers import final, nothing, read_headers
 from app.params import (
     RenderParams,
@@ -82,17 +82,12 @@ async def render_tile(
         eight_bit = mosaic.data.dtype == np.uint8 or render.eight_bit
         fmt = "jpeg" if eight_bit and not needs_mask else "png"
     with mosaic.clock.stage("encode"):
-        body = await engine.compute.run(
-            partial(
-                encode,
-                **render.options(),
-                crs=grid.crs,
-                transform=tuple(grid.transform)[:6],
-            ),
-            mosaic.data,
-            mosaic.valid,
-            fmt,
-        )
+        options = render.options()
+        job = partial(encode, **options, crs=grid.crs, transform=tuple(grid.transform)[:6])
+        if plain_png(mosaic.data, fmt, options):  # numpy and zlib-ng, off the GIL: a thread
+            body = await asyncio.to_thread(job, mosaic.data, mosaic.valid, fmt)
+        else:
+            body = await engine.compute.run(job, mosaic.data, mosaic.valid, fmt)
     total = time.perf_counter() - started
     request.app.state.metrics.observe_stages(mosaic.clock)
     headers = {

@@ -27,7 +27,6 @@ import math
 import random
 import re
 import warnings
-import zlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -56,10 +55,7 @@ from core.tiffguard import MAX_HEADER_BYTES, CheckedHeader, PrefixStore, check_h
 if TYPE_CHECKING:
     from core.compute import ComputePool
 
-try:  # zlib-ng inflates ~15% faster than zlib (measured on the demo's DEFLATE tiles)
-    from zlib_ng import zlib_ng as _inflate
-except ImportError:  # pragma: no cover - zlib-ng is a dependency; zlib is the fallback
-    _inflate = zlib  # type: ignore[assignment]
+import deflate  # libdeflate: inflates a demo 512² tile in 0.44 ms, zlib-ng 0.66 (both off the GIL)
 
 T = TypeVar("T")
 
@@ -641,16 +637,18 @@ def _tile_decoded_bytes(level: GeoTIFF | Overview) -> int:
 def _bounded_inflate(limit: int) -> object:
     """A DEFLATE decoder that stops at `limit` bytes: async-tiff's own inflates the whole
     stream before it checks the length (a 1 MB tile inflating to 1 GiB took 2.1 GB RSS), so
-    a decompression bomb could claim any amount of memory. Here it costs at most `limit`."""
+    a decompression bomb could claim any amount of memory. Here it costs at most `limit`:
+    libdeflate inflates into a buffer of that size and fails when the stream needs more (or
+    is corrupt: libdeflate does not say which)."""
 
     def decode(buffer: bytes) -> bytes:
-        inflater = _inflate.decompressobj()
-        out = inflater.decompress(buffer, limit)
-        if inflater.unconsumed_tail or not inflater.eof:
+        try:
+            return deflate.zlib_decompress(buffer, limit)
+        except deflate.DeflateError as exc:
             raise ValueError(
-                f"DEFLATE tile inflates beyond its {limit:,}-byte size (decompression bomb)"
-            )
-        return out
+                f"DEFLATE tile does not inflate within its {limit:,}-byte size (corrupt, or a "
+                "decompression bomb)"
+            ) from exc
 
     return decode
 

@@ -451,6 +451,31 @@ def store_requests(store: str | None) -> int:
     return httpx.get(store + "/_requests", timeout=10).json()["requests"] if store else 0
 
 
+LAG = "terrazzo_event_loop_lag_seconds_bucket"
+
+
+def lag_buckets(side: Side) -> dict[float, float]:
+    """Terrazzo's event-loop lag histogram (GET /metrics): cumulative count by bucket bound."""
+    if side.name != "terrazzo":
+        return {}
+    out: dict[float, float] = {}
+    for line in httpx.get(side.url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(LAG + "{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float(le)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def lag_p99(before: dict[float, float], after: dict[float, float]) -> tuple[float, float] | None:
+    """The pass's loop-lag p99 as its bucket's upper bound (ms), and the share above 10 ms."""
+    diff = {le: after[le] - before.get(le, 0.0) for le in sorted(after)}
+    total = diff.get(float("inf"), 0.0)
+    if not total:
+        return None
+    p99 = next(le for le, n in diff.items() if n >= 0.99 * total)
+    return 1000 * p99, 1 - diff.get(0.01, 0.0) / total
+
+
 def measure(side: Side, tiles: list, copy: str, clients: int, seconds: float) -> dict:
     """One measured pass: the driver's figures and the server tree's CPU, peak RSS, stores."""
     pids = children(side.proc.pid)
@@ -458,9 +483,9 @@ def measure(side: Side, tiles: list, copy: str, clients: int, seconds: float) ->
     reset_peak(pids + db)
     cpu0, db0 = cpu_seconds(pids), cpu_seconds(db)
     st0 = cpu_seconds([side.store_pid]) if side.store_pid else 0.0
-    req0 = store_requests(side.store)
+    req0, lag0 = store_requests(side.store), lag_buckets(side)
     out = asyncio.run(drive(side.url, [side.path(t, copy) for t in tiles], clients, seconds))
-    req1 = store_requests(side.store)
+    req1, lag = store_requests(side.store), lag_p99(lag0, lag_buckets(side))
     pids, db = children(side.proc.pid), children(side.db_pid) if side.db_pid else []
     cpu, db_cpu = cpu_seconds(pids) - cpu0, cpu_seconds(db) - db0
     st_cpu = (cpu_seconds([side.store_pid]) - st0) if side.store_pid else 0.0
@@ -485,6 +510,8 @@ def measure(side: Side, tiles: list, copy: str, clients: int, seconds: float) ->
         "store_requests": req1 - req0 if side.store else None,
         "store_cpu_ms": 1000 * st_cpu / max(ok, 1),
         "wall": out["wall"],
+        "loop_p99_ms": lag[0] if lag else None,
+        "loop_over_10ms": lag[1] if lag else None,
     }
 
 
@@ -535,7 +562,7 @@ def check(sides: list[Side], tiles: list, copy: str) -> list[str]:
 HEADER = (
     f"{'clients':>7} {'side':>14} {'tiles/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'CPU ms/t':>8} "
     f"{'(db)':>6} {'peak MB':>8} {'PSS MB':>6} {'(db MB)':>7} {'non-200':>7} {'store req':>9} "
-    f"{'req/t':>5} {'st CPU':>6} {'tiles':>5}"
+    f"{'req/t':>5} {'st CPU':>6} {'tiles':>5} {'loop p99':>8}"
 )
 
 
@@ -545,12 +572,14 @@ def row(r: dict) -> str:
     db = f"{r['db_cpu_ms']:.1f}" if r["side"] == "titiler-pgstac" else "-"
     db_mb = f"{r['db_peak_mb']:.0f}" if r["side"] == "titiler-pgstac" else "-"
     st = f"{r['store_cpu_ms']:.1f}" if req is not None else "-"
+    p99 = r.get("loop_p99_ms")
+    loop = "-" if p99 is None else ("<=" + f"{p99:g}" if p99 != float("inf") else ">1000")
     return (
         f"{r['clients']:>7} {r['side']:>14} {r['tiles_s']:>8.1f} {r['p50_ms']:>8.0f} "
         f"{r['p95_ms']:>8.0f} {r['cpu_ms']:>8.1f} {db:>6} {r['peak_mb']:>8.0f} {r['pss_mb']:>6.0f} "
         f"{db_mb:>7} "
         f"{sum(r['non200'].values()):>7} {req if req is not None else '-':>9} {per:>5} "
-        f"{st:>6} {r['tiles']:>5}"
+        f"{st:>6} {r['tiles']:>5} {loop:>8}"
     )
 
 
@@ -589,6 +618,8 @@ def run_case(
     with ExitStack() as stack:
         sides: list[Side] = []
         for name in args.sides:
+            if name == "titiler-pgstac" and (db is None or python is None):
+                continue  # said at start: no PostgreSQL/PostGIS here
             store = store_pid = None
             if delay:
                 store, store_server = stack.enter_context(cog_server(index.parent, delay))
@@ -603,8 +634,7 @@ def run_case(
                         stack, python, with_hrefs(items, base), store, work, args.peer_workers
                     )
                 else:
-                    if db is None or python is None:
-                        continue
+                    assert db and python
                     side = start_pgstac(
                         stack, python, db, with_hrefs(items, base), store, work, args.peer_workers
                     )
@@ -665,6 +695,11 @@ def summary(rows: list[dict]) -> list[str]:
             )
             if req is not None:
                 text += f", {req} store req ({req / max(r['tiles'], 1):.1f}/t)"
+            if r.get("loop_p99_ms") is not None:
+                text += (
+                    f", loop lag p99 <= {r['loop_p99_ms']:g} ms "
+                    f"({r['loop_over_10ms']:.0%} of samples > 10 ms)"
+                )
             if ours and name != "terrazzo" and r["tiles_s"]:
                 text += f" [tz {ours['tiles_s'] / r['tiles_s']:.2f}x t/s"
                 text += (
@@ -740,7 +775,8 @@ def main() -> None:
         "(titiler-pgstac's includes PostgreSQL's, '(db)'); peak MB: the tree's summed VmHWM during "
         "the pass (a forked worker's shared pages counted in each; '(db MB)' likewise, shared "
         "buffers in every backend); PSS MB: the tree's proportional set size at the pass's end "
-        "(shared pages split); store req: range-server requests "
+        "(shared pages split); loop p99: Terrazzo's event-loop lag p99 during the pass, as the "
+        "upper bound of its /metrics histogram bucket (ms); store req: range-server requests "
         "during the measured pass; st CPU: the range server's CPU ms per tile."
     )
     for line in summary(rows):

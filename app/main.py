@@ -120,6 +120,30 @@ def _build_routes(app: FastAPI) -> None:
             low()
 
 
+def _prepare(app: FastAPI) -> None:
+    """Start-up work that needs neither the engine nor the loop, in a thread."""
+    _import(WARM_MODULES)
+    _build_routes(app)
+    _first_gdal_use()
+
+
+def _first_gdal_use() -> None:
+    """GDAL's and PROJ's one-time set-up in this process (driver registration, PROJ's
+    database: the first `calculate_default_transform` took 43 ms quiet, the next 1-3 ms) now,
+    not inside the first tiles' plans on the event loop (a loop watchdog under bench/load saw
+    stalls of 60-220 ms there early in serving)."""
+    import rasterio
+    import rasterio.warp
+
+    from core.plan import transformer
+
+    with rasterio.Env():
+        rasterio.warp.calculate_default_transform(
+            "EPSG:32631", "EPSG:3857", 16, 16, left=5e5, bottom=4.98e6, right=5.3e5, top=5.01e6
+        )
+    transformer("EPSG:32631", "EPSG:4326").transform_bounds(5e5, 4.98e6, 5.3e5, 5.01e6)
+
+
 def _import(modules: tuple[str, ...]) -> None:
     for name in modules:
         importlib.import_module(name)
@@ -132,7 +156,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own = engine is None
-        preload = threading.Thread(target=_import, args=(WARM_MODULES,), daemon=True)
+        # imports and route building (_build_routes) overlap the catalog's opening
+        preload = threading.Thread(target=_prepare, args=(app,), daemon=True)
         preload.start()
         # the compute workers start (and import the encoders) while the catalog opens
         app.state.engine = engine or Engine(settings, warm=WARM_MODULES)
@@ -142,7 +167,6 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         else:
             await asyncio.to_thread(app.state.engine.compute.warm, WARM_MODULES)
         await asyncio.to_thread(preload.join)
-        _build_routes(app)
         # What start-up made (~190k objects: modules, functions, types) lives as long as the
         # process; frozen, the collector stops re-scanning it: each full collection under load
         # took 70-130 ms of the loop (measured with bench/load at 32 clients), now a few ms

@@ -211,7 +211,9 @@ class Snapshots:
     async def version_async(self) -> str:
         """Which catalog version is in use, after taking a replaced one: part of every tile's
         ETag, so a new catalog changes them all. On a search thread (the check may list an
-        object store)."""
+        object store). Between checks (`refresh_s`) no thread hop: it was one per tile."""
+        if time.monotonic() - self._checked < self.source.refresh_s:
+            return self._stamp
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self.reload_if_replaced)
         return self._stamp

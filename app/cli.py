@@ -15,6 +15,11 @@ DEFAULT_DEMO_DIR = Path(os.environ.get("TERRAZZO_DEMO_DIR", "data/demo"))
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.workers == 1:  # the compute workers' imports overlap the app's (app.warm)
+        from app.warm import WARM_MODULES
+        from core.compute import start_forkserver
+
+        start_forkserver(WARM_MODULES)
     import uvicorn
 
     from app.logs import configure

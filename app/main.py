@@ -35,6 +35,7 @@ from app.head import HeadAsGet
 from app.metrics import CONTENT_TYPE, Metrics
 from app.observe import Observer
 from app.proxy import ForwardedPrefix
+from app.warm import WARM_MODULES
 from core.catalog import SearchError, SearchQuery
 from core.chunks import LimitError
 from core.compute import WorkerDied
@@ -60,7 +61,6 @@ ERRORS: dict[type[Exception], int] = {
 }
 # imported by every compute worker before its first job, and by this process while the
 # catalog opens (app.encoders imports rio_tiler lazily: ~0.7 s off the import of this module)
-WARM_MODULES = ("app.encoders", "rio_tiler.colormap", "rio_tiler.utils")
 
 
 class LoopLag:

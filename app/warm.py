@@ -1,0 +1,5 @@
+"""The modules every compute worker imports before it says it is ready (the encoders: a fresh
+install's first tile otherwise spent 0.6 s importing them). A module of its own so the command
+line can start the compute forkserver with them before it imports the app."""
+
+WARM_MODULES = ("app.encoders", "rio_tiler.colormap", "rio_tiler.utils")

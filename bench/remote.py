@@ -21,7 +21,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import httpx
@@ -88,6 +88,41 @@ def cog_server(directory: Path, delay_ms: float) -> Iterator[tuple[str, subproce
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+@contextmanager
+def server(cmd: list[str], env: dict[str, str], ready: str, log: Path) -> Iterator[tuple]:
+    """A server on a free port ({port} in cmd), up when `ready` answers 200: (url, process)."""
+    port = free_port()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    out = log.open("w")
+    proc = subprocess.Popen(
+        [c.format(port=port) for c in cmd],
+        env={**os.environ, **env},
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}; see {log}")
+            with suppress(httpx.HTTPError):
+                if httpx.get(url + ready, timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{cmd[0]} not ready in 120 s; see {log}")
+            time.sleep(0.2)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        out.close()
 
 
 def run_both(engine: Engine, served_by: list[int], label: str, tiles: list, conc: int) -> None:

@@ -44,7 +44,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -58,7 +57,7 @@ import httpx
 import numpy as np
 
 from bench.procstats import cpu_seconds
-from bench.remote import TITILER_GDAL, cog_server, free_port, remote_catalog
+from bench.remote import TITILER_GDAL, cog_server, remote_catalog, server
 from bench.tiles import source_items, write_catalog
 
 CRS = "EPSG:32632"
@@ -215,38 +214,13 @@ def process_tree(pid: int) -> list[int]:
 @contextmanager
 def terrazzo_server(catalog: Path, log: Path, allow: str | None = None) -> Iterator[tuple]:
     """`terrazzo serve --catalog CATALOG` on a free port, ready: (url, process)."""
-    port = free_port()
     exe = Path(sys.executable).with_name("terrazzo")
     cmd = [str(exe) if exe.exists() else "terrazzo", "serve", "--catalog", str(catalog)]
-    cmd += ["--port", str(port), "--log-level", "warning"]
+    cmd += ["--port", "{port}", "--log-level", "warning"]
     if allow:
         cmd += ["--allow", allow]
-    log.parent.mkdir(parents=True, exist_ok=True)
-    out = log.open("w")
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"terrazzo serve exited with {proc.returncode}; see {log}")
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"terrazzo serve not ready in 120 s; see {log}")
-            time.sleep(0.2)
-        yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        out.close()
+    with server(cmd, {}, "/readyz", log) as running:
+        yield running
 
 
 class Probe:

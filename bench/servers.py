@@ -80,7 +80,7 @@ import numpy as np
 import shapely
 
 from bench.procstats import children, cpu_seconds, peak_rss_mb, pss_mb, reset_peak
-from bench.remote import TITILER_GDAL, cog_server, free_port, remote_catalog
+from bench.remote import TITILER_GDAL, cog_server, free_port, remote_catalog, server
 from bench.sdk import copies_catalog
 from bench.tiles import source_items
 
@@ -222,41 +222,6 @@ class Side:
     store_pid: int | None = None
     db_pid: int | None = None  # titiler-pgstac: the postmaster
     rows: list[dict] = field(default_factory=list)
-
-
-@contextmanager
-def server(cmd: list[str], env: dict[str, str], ready: str, log: Path) -> Iterator[tuple]:
-    """A server on a free port ({port} in cmd), up when `ready` answers 200: (url, process)."""
-    port = free_port()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    out = log.open("w")
-    proc = subprocess.Popen(
-        [c.format(port=port) for c in cmd],
-        env={**os.environ, **env},
-        stdout=out,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}; see {log}")
-            with suppress(httpx.HTTPError):
-                if httpx.get(url + ready, timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{cmd[0]} not ready in 120 s; see {log}")
-            time.sleep(0.2)
-        yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        out.close()
 
 
 def with_hrefs(items: list[dict], base: str) -> list[dict]:

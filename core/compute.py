@@ -131,10 +131,13 @@ def warp_item(
     item's `steps` (core.process: bidx's selection, an expression)."""
     parts = [warp_one(s, target, resampling) for s in sources]
     window = _union([w for _, _, w in parts])
-    dtype = np.result_type(*(d.dtype for d, _, _ in parts))
-    placed = [_place(p, window) for p in parts]
-    data = np.concatenate([d.astype(dtype, copy=False) for d, _ in placed], axis=0)
-    valid = np.logical_and.reduce([v for _, v in placed])
+    if len(parts) == 1:  # one asset: its layer as it is (concatenate would copy it)
+        data, valid, _ = parts[0]
+    else:
+        dtype = np.result_type(*(d.dtype for d, _, _ in parts))
+        placed = [_place(p, window) for p in parts]
+        data = np.concatenate([d.astype(dtype, copy=False) for d, _ in placed], axis=0)
+        valid = np.logical_and.reduce([v for _, v in placed])
     if unscale is not None:
         scaling = np.asarray(unscale, dtype=np.float64).reshape(-1, 2, 1, 1)
         data = data.astype(np.float32)

@@ -76,11 +76,9 @@ def warp_part(
         part, part_valid = _gdal(
             data, valid, src_transform, src_crs, transform, dst_crs, (h, w), resampling
         )
-    return (
-        np.where(part_valid, part, 0).astype(data.dtype, copy=False),
-        part_valid,
-        (col, row, w, h),
-    )
+    # no stale values under the mask; in place: every kernel above returns arrays of its own
+    np.copyto(part, 0, where=~part_valid)
+    return part.astype(data.dtype, copy=False), part_valid, (col, row, w, h)
 
 
 def aligned(

@@ -166,8 +166,7 @@ def plain_png(data: np.ndarray, fmt: str, options: dict[str, Any]) -> bool:
         return False
     if options.get("color_formula") is not None:
         return False
-    dtype = np.dtype("uint8") if options.get("rescale") else data.dtype
-    return data.ndim == 3 and data.shape[0] in (1, 3) and dtype in (np.uint8, np.uint16)
+    return png.supports(data, np.dtype("uint8") if options.get("rescale") else None)
 
 
 def encode(

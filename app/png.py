@@ -34,9 +34,11 @@ def _chunk(tag: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", crc)
 
 
-def supports(data: np.ndarray) -> bool:
-    """1 band (grey) or 3 bands (RGB), 8 or 16 bits: what a tile with an alpha mask needs."""
-    return data.ndim == 3 and data.shape[0] in (1, 3) and data.dtype in (np.uint8, np.uint16)
+def supports(data: np.ndarray, dtype: np.dtype | None = None) -> bool:
+    """1 band (grey) or 3 bands (RGB), 8 or 16 bits: what a tile with an alpha mask needs.
+    `dtype`: what the pixels will be when written, if not the array's (after a rescale)."""
+    dtype = data.dtype if dtype is None else np.dtype(dtype)
+    return data.ndim == 3 and data.shape[0] in (1, 3) and dtype in (np.uint8, np.uint16)
 
 
 def encode_png(data: np.ndarray, alpha: np.ndarray) -> bytes:

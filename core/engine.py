@@ -411,10 +411,7 @@ class Engine:
                 whole = (0, 0, plan.grid.width, plan.grid.height)
                 parts = [(m.data, m.valid, whole) for m in layers]
                 shape = (plan.grid.height, plan.grid.width)
-                if compute.is_paste(parts, "first"):
-                    data, valid = compute.mosaic(parts, "first", shape)
-                else:
-                    data, valid = await self.compute.run(compute.mosaic, parts, "first", shape)
+                data, valid = await self._mosaic(parts, "first", shape)
         return Mosaic(data=data, valid=valid, plan=merged, errors=errors, clock=clock)
 
     async def execute(
@@ -495,13 +492,19 @@ class Engine:
             data, valid = compute.expand(done[0], shape)  # a copy into the grid at most
         else:
             with clock.stage("mosaic"):
-                if compute.is_paste(done, params.method):
-                    data, valid = compute.mosaic(done, params.method, shape)
-                else:
-                    data, valid = await self.compute.run(compute.mosaic, done, params.method, shape)
+                data, valid = await self._mosaic(done, params.method, shape)
         if not valid.any():
             return None
         return Mosaic(data=data, valid=valid, plan=plan, errors=errors, clock=clock)
+
+    async def _mosaic(
+        self, layers: list[compute.Layer], method: str, shape: tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`compute.mosaic` of these layers: on the loop when it is a small paste
+        (`compute.is_paste`), else in the pool."""
+        if compute.is_paste(layers, method):
+            return compute.mosaic(layers, method, shape)
+        return await self.compute.run(compute.mosaic, layers, method, shape)
 
     async def plan_read(
         self,

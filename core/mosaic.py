@@ -73,29 +73,18 @@ class Paste:
 
 
 class First(MosaicMethod):
-    """Each pixel from the first layer that has data there (newest on top by default)."""
+    """Each pixel from the first layer that has data there (newest on top by default);
+    pasted window by window (`Paste`)."""
 
     repeats_count = False
     paste = True
-
-    def feed(self, data: np.ndarray, valid: np.ndarray) -> None:
-        if self._start(data, valid):
-            return
-        self.data = np.where(self.valid, self.data, data)  # keep what is there, fill the rest
-        self.valid |= valid
 
 
 class Last(MosaicMethod):
-    """Each pixel from the last layer that has data there."""
+    """Each pixel from the last layer that has data there; pasted window by window (`Paste`)."""
 
     repeats_count = False
     paste = True
-
-    def feed(self, data: np.ndarray, valid: np.ndarray) -> None:
-        if self._start(data, valid):
-            return
-        self.data = np.where(valid, data, self.data)
-        self.valid |= valid
 
 
 class Highest(MosaicMethod):

@@ -16,6 +16,9 @@ from core.engine import Engine, ReadParams
 from core.plan import tile_grid
 from core.settings import Settings
 
+# its lag bars measure the engine alone, not beside another test (`make test`'s 2nd pass)
+pytestmark = pytest.mark.serial
+
 TMS = morecantile.tms.get("WebMercatorQuad")
 
 

@@ -12,7 +12,7 @@ import shapely
 from affine import Affine
 from rasterio.enums import Resampling
 from rasterio.warp import reproject
-from terrazzo.framing import Chunk, FramingError, parse_frames
+from terrazzo.framing import Chunk, FramingError, iter_frames, parse_frames
 
 from core.catalog import Catalog, SearchQuery
 from core.plan import Grid, transformer
@@ -261,6 +261,30 @@ def test_bad_requests_are_clear(http: httpx.Client, body: dict, status: int, nee
 def test_cut_stream_is_detected() -> None:
     with pytest.raises(FramingError, match="cut short"):
         parse_frames(b"TZCH" + (50).to_bytes(4, "little") + b'{"id": "a"')
+
+
+def test_a_body_in_any_pieces_parses_as_the_whole(http: httpx.Client) -> None:
+    """The parser gathers headers and copies payloads piece by piece: a server's body cut
+    into 1-byte, 3-byte, odd and 64 KB pieces (every cut inside a prefix, header and
+    payload) gives the chunks of the whole body, and a body cut anywhere short is refused."""
+    body = {"crs": "EPSG:32632", "group_by": "datetime", "assets": ["visual"]}
+    body["chunks"] = chunk_grid("EPSG:32632", 10.2, 45.1, 2, 48, 30.0)
+    r = http.post("/chunks", json=body)
+    assert r.status_code == 200, r.text
+    whole = parse_frames(r.content)
+    assert [c.status for c in whole].count("ok") >= 2 and whole[-1].status == "end"
+    for step in (1, 3, 4093, 65536):
+        pieces = [r.content[i : i + step] for i in range(0, len(r.content), step)]
+        parsed = list(iter_frames(pieces))
+        assert [c.header for c in parsed] == [c.header for c in whole], step
+        for a, b in zip(parsed, whole, strict=True):
+            assert (a.data is None) == (b.data is None)
+            if a.data is not None:
+                np.testing.assert_array_equal(a.data, b.data)
+                np.testing.assert_array_equal(a.mask, b.mask)
+    for cut in (3, 8, 9, len(r.content) // 2, len(r.content) - 1):
+        with pytest.raises(FramingError, match="cut short"):
+            list(iter_frames([r.content[:cut]]))
 
 
 def test_a_chunk_on_the_cogs_own_grid_is_its_pixels_exactly(

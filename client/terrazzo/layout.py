@@ -349,17 +349,16 @@ def to_dataarray(
     )
 
 
-def place(
-    out: np.ndarray, labels: Sequence[str | None], chunk: Chunk, r0: int, c0: int, fill: Any
-) -> None:
-    """Copy a chunk's layers into `out` at the rows of its time labels (masked → fill)."""
+def place(out: np.ndarray, labels: Sequence[str | None], chunk: Chunk, r0: int, c0: int) -> None:
+    """Copy a chunk's valid pixels into `out` (which holds the fill value already: masked
+    pixels keep it) at the rows of its time labels: one pass, no temporary layer."""
     if chunk.data is None or chunk.mask is None:
         return
     index = {label: i for i, label in enumerate(labels)}
     _, _, h, w = chunk.data.shape
     for t, label in enumerate(chunk.header.get("time") or [None]):
-        layer = np.where(chunk.mask[t], chunk.data[t], fill)
-        out[index[label], :, r0 : r0 + h, c0 : c0 + w] = layer
+        window = out[index[label], :, r0 : r0 + h, c0 : c0 + w]
+        np.copyto(window, chunk.data[t], casting="unsafe", where=chunk.mask[t])
 
 
 def assemble(
@@ -387,7 +386,7 @@ def assemble(
     for spec in specs:
         chunk = chunks.get(spec["id"])
         if chunk is not None:
-            place(out, labels, chunk, *spec["_offset"], fill)
+            place(out, labels, chunk, *spec["_offset"])
     names, ids = describe(
         [c.header for c in chunks.values()] + ([{"layout": hint}] if hint else [])
     )
@@ -452,6 +451,6 @@ def fetch_block(
     out = np.full((len(labels), bands, spec["height"], spec["width"]), fill, dtype=dtype)
     chunk = chunks.get(spec["id"])
     if chunk is not None:
-        place(out, labels, chunk, 0, 0, fill)
+        place(out, labels, chunk, 0, 0)
     check_errors(chunks, errors, out)
     return out

@@ -15,6 +15,8 @@ DEFAULT_DEMO_DIR = Path(os.environ.get("TERRAZZO_DEMO_DIR", "data/demo"))
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import core.lean_imports  # noqa: F401  this process runs no user code: no xarray/pandas
+
     if args.workers == 1:  # the compute workers' imports overlap the app's (app.warm)
         from app.warm import WARM_MODULES
         from core.compute import start_forkserver

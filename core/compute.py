@@ -668,7 +668,8 @@ class _Worker:
                 raise _Died(f"died ({self._exit_reason()})")
 
 
-_PRELOAD = ("core.compute", "rasterio.warp", "numpy")  # imported once, in the forkserver
+# imported once, in the forkserver (core.lean_imports first: no xarray in the workers)
+_PRELOAD = ("core.lean_imports", "core.compute", "rasterio.warp", "numpy")
 
 
 def start_forkserver(modules: tuple[str, ...] = ()) -> None:

@@ -14,13 +14,14 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import morecantile
 from affine import Affine
 from pyproj import Transformer
 
-from core.catalog import Item, SearchResult
+if TYPE_CHECKING:  # the compute workers import this module: not the catalog's DuckDB
+    from core.catalog import Item, SearchResult
 
 RESAMPLING = ("nearest", "bilinear", "cubic", "average")
 # Source pixels needed beyond the footprint so the kernel sees its neighbours at the edges.

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from app.encoders import encode
+from app.encoders import default_format, encode
 from core.statistics import StatsOptions, geometry_masks
 
 
@@ -52,9 +52,7 @@ def encode_crop(
         height, width = valid.shape
         valid = valid & inside(geometry, geometry_crs or crs, crs, transform, width, height)
     if fmt is None:
-        eight_bit = data.dtype == np.uint8 or bool(render.get("rescale"))
-        eight_bit = eight_bit or render.get("color_formula") is not None
-        fmt = "jpeg" if eight_bit and valid.all() else "png"
+        fmt = default_format(data.dtype, bool(valid.all()), render)
     body = encode(
         data,
         valid,

@@ -154,6 +154,15 @@ def check_render(
         )
 
 
+def default_format(dtype: Any, full: bool, options: dict[str, Any]) -> str:
+    """The format when a request names none (TiTiler's choice): JPEG for 8-bit output (uint8
+    data, or made 8-bit by `rescale` or `color_formula`) with no pixel masked, else PNG.
+    `options`: `encode`'s render keywords (app.params.RenderParams.options())."""
+    eight_bit = np.dtype(dtype) == np.uint8 or bool(options.get("rescale"))
+    eight_bit = eight_bit or options.get("color_formula") is not None
+    return "jpeg" if eight_bit and full else "png"
+
+
 def plain_png(data: np.ndarray, fmt: str, options: dict[str, Any]) -> bool:
     """Whether `encode` of this is `app.png` alone (a PNG with its mask, no colormap or colour
     formula; a rescale is numpy): numpy and zlib-ng, which release the GIL for their work, so

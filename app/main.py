@@ -59,8 +59,6 @@ ERRORS: dict[type[Exception], int] = {
     WorkerDied: 502,
     TimeoutError: 504,
 }
-# imported by every compute worker before its first job, and by this process while the
-# catalog opens (app.encoders imports rio_tiler lazily: ~0.7 s off the import of this module)
 
 
 class LoopLag:

@@ -76,11 +76,6 @@ class RenderParams:
     return_mask: bool = True
     color_formula: formulas.ColorFormula | None = None
 
-    @property
-    def eight_bit(self) -> bool:
-        """Whether the render makes 8-bit bands of any data (the tile routes' JPEG choice)."""
-        return bool(self.rescale) or self.color_formula is not None
-
     def options(self) -> dict[str, Any]:
         """`app.encoders.encode`'s keyword arguments for these render choices."""
         return {

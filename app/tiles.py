@@ -8,11 +8,10 @@ import time
 from functools import partial
 from typing import Annotated
 
-import numpy as np
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
 from app import responses
-from app.encoders import FORMATS, encode, plain_png
+from app.encoders import FORMATS, default_format, encode, plain_png
 from app.headers import final, nothing, read_headers
 from app.params import (
     RenderParams,
@@ -77,12 +76,10 @@ async def render_tile(
     if (empty := nothing(mosaic)) is not None:
         return empty
     assert mosaic is not None
+    options = render.options()
     if fmt is None:
-        needs_mask = not mosaic.valid.all()
-        eight_bit = mosaic.data.dtype == np.uint8 or render.eight_bit
-        fmt = "jpeg" if eight_bit and not needs_mask else "png"
+        fmt = default_format(mosaic.data.dtype, bool(mosaic.valid.all()), options)
     with mosaic.clock.stage("encode"):
-        options = render.options()
         job = partial(encode, **options, crs=grid.crs, transform=tuple(grid.transform)[:6])
         if plain_png(mosaic.data, fmt, options):  # numpy and zlib-ng, off the GIL: a thread
             body = await asyncio.to_thread(job, mosaic.data, mosaic.valid, fmt)

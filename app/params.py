@@ -111,10 +111,7 @@ class TileParams:
 
     def crop(self, data: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A read of `read_grid` back to `output_grid`."""
-        p = self.padding
-        if not p:
-            return data, valid
-        return data[:, p:-p, p:-p], valid[p:-p, p:-p]
+        return algorithms.crop_border(data, valid, self.padding)
 
 
 async def tile_params(

@@ -62,7 +62,7 @@ class Hillshade:
             azimuth - aspect
         )
         out = (255 * (shaded + 1) / 2).astype("uint8")[None]
-        return _crop(out, valid, self.buffer)
+        return crop_border(out, valid, self.buffer)
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class Slope:
         dx = along_x * self.z_exaggeration / size_x
         dy = along_y * self.z_exaggeration / size_y
         out = np.degrees(np.arctan(np.sqrt(dx * dx + dy * dy))).astype("float32")[None]
-        return _crop(out, valid, self.buffer)
+        return crop_border(out, valid, self.buffer)
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,10 @@ ALGORITHMS: dict[str, type] = {
 }
 
 
-def _crop(data: np.ndarray, valid: np.ndarray, buffer: int) -> tuple[np.ndarray, np.ndarray]:
+def crop_border(data: np.ndarray, valid: np.ndarray, buffer: int) -> tuple[np.ndarray, np.ndarray]:
+    """A read of `Grid.buffered(buffer)` back to the grid: `buffer` pixels off every side of
+    (bands, h, w) data and its (h, w) validity (views). The algorithms' buffer and the tile
+    routes' padding both crop so."""
     if not buffer:
         return data, valid
     return data[:, buffer:-buffer, buffer:-buffer], valid[buffer:-buffer, buffer:-buffer]

@@ -39,6 +39,9 @@ from core.cover import Coverage
 class Searching(Snapshots):
     """`search`, `scan` and their sync forms, over the snapshot in use."""
 
+    _prefilter: Prefilter | None = None  # the arrays of the snapshot they were built from
+    _prefilter_skipped: str | None = None  # a snapshot too large for them
+
     async def search(self, query: SearchQuery) -> list[Item]:
         """Run `query` on a search worker thread; never on the event loop."""
         return (await self.scan(query)).items
@@ -118,10 +121,10 @@ class Searching(Snapshots):
         """The arrays of the snapshot in use (core.catalog.prefilter), built on first use
         (below MAX_ROWS rows): None for a larger catalog, whose searches all run in DuckDB."""
         alias = self._attached[-1][0]
-        index = getattr(self, "_prefilter", None)
+        index = self._prefilter
         if index is not None and index.alias == alias:
             return index
-        if getattr(self, "_prefilter_skipped", None) == alias:
+        if self._prefilter_skipped == alias:
             return None
         cursor = self._cursor()
         (rows,) = cursor.execute(f"SELECT count(*) FROM {alias}.items").fetchone() or (0,)

@@ -165,7 +165,7 @@ def default_format(dtype: Any, full: bool, options: dict[str, Any]) -> str:
 
 def plain_png(data: np.ndarray, fmt: str, options: dict[str, Any]) -> bool:
     """Whether `encode` of this is `app.png` alone (a PNG with its mask, no colormap or colour
-    formula; a rescale is numpy): numpy and zlib-ng, which release the GIL for their work, so
+    formula; a rescale is numpy): numpy and ISA-L, which release the GIL for their work, so
     a thread may run it. A compute-pool job cost ~1 ms of CPU more per tile than the encode
     itself (1024 demo-like 256² tiles: 2.08 vs 1.12 ms CPU per tile); the other renders are
     GDAL's (rio-tiler's `render`) and stay in the pool, where a native crash costs a worker."""

@@ -81,7 +81,7 @@ async def render_tile(
         fmt = default_format(mosaic.data.dtype, bool(mosaic.valid.all()), options)
     with mosaic.clock.stage("encode"):
         job = partial(encode, **options, crs=grid.crs, transform=tuple(grid.transform)[:6])
-        if plain_png(mosaic.data, fmt, options):  # numpy and zlib-ng, off the GIL: a thread
+        if plain_png(mosaic.data, fmt, options):  # numpy and ISA-L, off the GIL: a thread
             body = await asyncio.to_thread(job, mosaic.data, mosaic.valid, fmt)
         else:
             body = await engine.compute.run(job, mosaic.data, mosaic.valid, fmt)

@@ -20,13 +20,14 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import pyproj
 import shapely.geometry
-from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi import Body, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from app import responses
 from app.headers import read_headers
-from app.params import _boolean, read_params, reject_unknown_query, search_query
+from app.params import _boolean, api_router, read_params, search_query
+from app.query import query_parameters
 from core.catalog import SearchQuery
 from core.chunks import LimitError, check_crs, output_layout
 from core.engine import Engine, Mosaic, ParamError, ReadParams
@@ -39,7 +40,7 @@ from core.statistics import (
     check_coverage_size,
 )
 
-router = APIRouter(tags=["analysis"], dependencies=[Depends(reject_unknown_query)])
+router = api_router("analysis")
 
 LONLAT = "EPSG:4326"
 DEFAULT_MAX_SIZE = 1024  # rio-tiler's Reader.statistics default
@@ -106,6 +107,7 @@ def _crs(name: str, value: str) -> str:
     return value
 
 
+@query_parameters
 async def stats_options(
     categorical: str | None = Query(
         None, description="`true`: counts of each value (or of `categories`), no histogram bins."
@@ -155,6 +157,7 @@ async def stats_options(
         raise ParamError(str(exc)) from None
 
 
+@query_parameters
 async def size_params(
     max_size: str | None = Query(
         None,
@@ -183,6 +186,7 @@ async def size_params(
     return out
 
 
+@query_parameters
 async def output_crs(
     dst_crs: str | None = Query(
         None, description="CRS of the grid the statistics are computed on (TiTiler's name)."

@@ -12,16 +12,16 @@ import math
 from typing import Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from app import responses
 from app.ogc import public_base_url
-from app.params import reject_unknown_query, search_query
+from app.params import api_router, search_query
 from core.catalog import SearchQuery
 from core.engine import ParamError
 
-router = APIRouter(tags=["catalog"], dependencies=[Depends(reject_unknown_query)])
+router = api_router("catalog")
 MAX_LIMIT = 10_000
 GEOJSON = "application/geo+json"
 

@@ -7,13 +7,13 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, model_validator
 
 from app import responses
 from app.encoders import CHUNKS_MEDIA_TYPE, chunk_frame_parts, frame
-from app.params import algorithm_step, reject_unknown_query
+from app.params import algorithm_step, api_router
 from core.algorithms import for_grid
 from core.catalog import SearchQuery, parse_datetime_range
 from core.chunks import (
@@ -29,7 +29,7 @@ from core.filters import parse as parse_filter
 from core.plan import Grid
 from core.statistics import StatisticsError, StatsOptions
 
-router = APIRouter(tags=["chunks"], dependencies=[Depends(reject_unknown_query)])
+router = api_router("chunks")
 log = logging.getLogger("terrazzo.chunks")
 
 FRAMING = """

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 import shapely
 import shapely.geometry
-from fastapi import APIRouter, Body, Depends, Query, Request, Response
+from fastapi import Body, Depends, Query, Request, Response
 from pyproj import CRS
 from pyproj.exceptions import CRSError, ProjError
 
@@ -30,9 +30,9 @@ from app.encoders import FORMATS
 from app.headers import final, nothing, read_headers
 from app.params import (
     RenderParams,
+    api_router,
     check_read,
     read_params,
-    reject_unknown_query,
     render_params,
     search_query,
 )
@@ -42,7 +42,7 @@ from core.chunks import LimitError
 from core.engine import Engine, ParamError, ReadParams
 from core.plan import Grid, reproject_bounds
 
-router = APIRouter(tags=["crops"], dependencies=[Depends(reject_unknown_query)])
+router = api_router("crops")
 
 LONLAT = "EPSG:4326"
 CROP_RESPONSES: dict = {"response_class": Response, "responses": responses.CROP}

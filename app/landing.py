@@ -15,18 +15,18 @@ import html
 from pathlib import Path
 
 import fastapi_offline
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Query, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from app.ogc import public_base_url
-from app.params import reject_unknown_query
+from app.params import api_router
 from app.stac_api import CONFORMANCE as STAC_CONFORMANCE
 from app.stac_api import STAC_VERSION
 from core.engine import ParamError
 
-router = APIRouter(tags=["landing"], dependencies=[Depends(reject_unknown_query)])
+router = api_router("landing")
 DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"
 router.mount("/static/docs", StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
 

@@ -33,7 +33,7 @@ from urllib.parse import urlencode
 from xml.etree import ElementTree as ET
 
 import morecantile
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import Depends, Query, Request, Response
 from morecantile import TileMatrixSet
 from starlette.datastructures import URL
 
@@ -42,9 +42,9 @@ from app.encoders import FORMATS
 from app.params import (
     RenderParams,
     TileParams,
+    api_router,
     check_read,
     read_params,
-    reject_unknown_query,
     render_params,
     search_query,
     tile_params,
@@ -54,7 +54,7 @@ from core.density import complete_zoom_async, tile_limit
 from core.engine import Engine, ParamError, ReadParams
 from core.plan import matrix_set, matrix_set_crs, reproject_bounds
 
-router = APIRouter(tags=["OGC"], dependencies=[Depends(reject_unknown_query)])
+router = api_router("OGC")
 DEFAULT_TMS = "WebMercatorQuad"
 MIN_ITEM_PIXELS = 8
 TILE_FORMAT = "png"  # WMTS layers are PNG unless tile_format says: the mask is transparency

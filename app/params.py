@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from fastapi import Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
 from app import color_formula as formulas
 from app.encoders import check_colormap, check_render, parse_colormap
 from app.guard import TOKEN_PARAMETER
+from app.query import DeclaredQueryRoute, QueryParameters, query_parameters
 from core import algorithms
 from core.catalog import SearchQuery, parse_datetime_range
 from core.engine import Engine, ParamError, ReadParams
@@ -114,6 +115,7 @@ class TileParams:
         return algorithms.crop_border(data, valid, self.padding)
 
 
+@query_parameters
 async def tile_params(
     buffer: str | None = Query(
         None,
@@ -138,6 +140,7 @@ async def tile_params(
     return TileParams(buffer=size, padding=pad)
 
 
+@query_parameters
 async def search_query(
     datetime: str | None = Query(
         None, description="RFC 3339 instant or interval `start/end` ('..' = open)."
@@ -197,6 +200,7 @@ async def search_query(
     )
 
 
+@query_parameters
 async def read_params(
     assets: list[str] | None = Query(
         None, description="Assets to read (default: the catalog's first image asset)."
@@ -258,6 +262,7 @@ def algorithm_step(name: str | None, params: str | dict[str, Any] | None) -> Any
         raise ParamError(str(exc)) from exc
 
 
+@query_parameters
 async def render_params(
     rescale: list[str] | None = Query(
         None, description="`min,max` to stretch to 0..255; repeat once per band."
@@ -334,6 +339,8 @@ async def check_read(
 
 def _query_names(dependant: Dependant) -> set[str]:
     names = {p.alias for p in dependant.query_params}
+    if isinstance(dependant.call, QueryParameters):
+        names |= dependant.call.names
     for sub in dependant.dependencies:
         names |= _query_names(sub)
     return names
@@ -350,6 +357,14 @@ def known_query_names(route: APIRoute) -> frozenset[str]:
         extra = (route.openapi_extra or {}).get("x-query-names", ())
         _KNOWN[key] = frozenset(_query_names(route.dependant)) | ANYWHERE | set(extra)
     return _KNOWN[key]
+
+
+def api_router(tag: str) -> APIRouter:
+    """A router of this service's routes: their query parameters read in one pass and
+    documented (app.query), any other query parameter refused (reject_unknown_query)."""
+    return APIRouter(
+        tags=[tag], dependencies=[Depends(reject_unknown_query)], route_class=DeclaredQueryRoute
+    )
 
 
 async def reject_unknown_query(request: Request) -> None:

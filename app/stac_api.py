@@ -25,19 +25,19 @@ from urllib.parse import quote, urlencode
 
 import shapely
 import shapely.geometry
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Query, Request
 from fastapi.responses import JSONResponse
 from shapely.geometry.base import BaseGeometry
 
 from app import responses
 from app.catalog_routes import GEOJSON, parse_bbox
 from app.ogc import public_base_url
-from app.params import FILTER_LANGS, reject_unknown_query
+from app.params import FILTER_LANGS, api_router
 from core.catalog import SearchQuery, parse_datetime_range
 from core.engine import ParamError
 from core.filters import parse as parse_filter
 
-router = APIRouter(tags=["stac"], dependencies=[Depends(reject_unknown_query)])
+router = api_router("stac")
 STAC_VERSION = "1.1.0"
 DEFAULT_LIMIT = 10
 MAX_LIMIT = 10_000  # items per page; a larger `limit` is served as this (OGC API Features)

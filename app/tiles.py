@@ -8,7 +8,7 @@ import time
 from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import Depends, Path, Query, Request, Response
 
 from app import responses
 from app.encoders import FORMATS, default_format, encode, plain_png
@@ -16,8 +16,8 @@ from app.headers import final, nothing, read_headers
 from app.params import (
     RenderParams,
     TileParams,
+    api_router,
     read_params,
-    reject_unknown_query,
     render_params,
     search_query,
     tile_params,
@@ -26,7 +26,7 @@ from core.catalog import SearchQuery
 from core.engine import Engine, ParamError, ReadParams
 from core.plan import tile_grid
 
-router = APIRouter(tags=["tiles"], dependencies=[Depends(reject_unknown_query)])
+router = api_router("tiles")
 DEFAULT_TMS = "WebMercatorQuad"
 
 Z = Annotated[int, Path(description="Zoom level", ge=0)]

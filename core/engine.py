@@ -82,6 +82,11 @@ class ReadParams:
     expression: str | None = None  # band math per item (core.process.Expression), float32
     algorithm: Any = None  # a core.algorithms step run on the mosaic (hillshade...)
 
+    @property
+    def uses_bands(self) -> bool:
+        """Whether an item's bands can refuse these params (bidx, expression, algorithm)."""
+        return bool(self.bidx or self.expression or self.algorithm is not None)
+
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ParamError(f"method: unknown {self.method!r}; choose one of {sorted(METHODS)}")
@@ -288,12 +293,20 @@ class Engine:
                 raise value
         return headers
 
-    async def check(self, query: SearchQuery, params: ReadParams) -> dict[str, Any] | None:
+    async def check(
+        self, query: SearchQuery, params: ReadParams, *, headers: bool = True
+    ) -> dict[str, Any] | None:
         """Refuse once what every read of this request would refuse: unknown assets, a filter
         or sortby the catalog cannot answer, bidx beyond the bands (ParamError/SearchError/
-        FilterError). Returns the read's layout (`layout`), None when nothing matches."""
+        FilterError). Returns the read's layout (`layout`), None when nothing matches.
+
+        `headers=False` skips the layout when nothing in `params` depends on the bands
+        (`ReadParams.uses_bands`): then no header can refuse the read, and a caller that only
+        wants the refusal saves a store round trip before its first read."""
         self.resolve_assets(params.assets)
         await self.catalog.check(query)
+        if not headers and not params.uses_bands:
+            return None
         return await self.layout(query, params)
 
     async def layout(self, query: SearchQuery, params: ReadParams) -> dict[str, Any] | None:

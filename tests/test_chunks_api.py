@@ -307,3 +307,32 @@ def test_a_chunk_on_the_cogs_own_grid_is_its_pixels_exactly(
     assert mask.mean() > 0.5
     np.testing.assert_array_equal(chunk.mask[0], mask)
     np.testing.assert_array_equal(np.where(mask, chunk.data[0], 0), np.where(mask, data, 0))
+
+
+def test_a_read_opens_no_header_before_its_chunks_unless_bands_can_refuse_it(
+    demo_catalog: Path, tmp_path: Path
+) -> None:
+    """The request's check opens the first item's headers only when something depends on the
+    bands (bidx, expression, algorithm): otherwise it would be a store round trip in series
+    before every read. Counted on a real range server: a chunk over the sea reads nothing."""
+    from bench.remote import cog_server, remote_catalog
+    from tests.conftest import Server
+
+    sea = {"id": "sea", "bbox": [-4e6, -4e6, -3.9e6, -3.9e6], "width": 16, "height": 16}
+    with cog_server(demo_catalog.parent, 0) as (store, _):
+        server = Server(remote_catalog(demo_catalog, store, tmp_path), args=("--allow", store))
+        try:
+
+            def requests() -> int:
+                return httpx.get(store + "/_requests").json()["requests"]
+
+            before = requests()
+            r = httpx.post(server.url + "/chunks", json={"crs": "EPSG:3857", "chunks": [sea]})
+            assert r.status_code == 200, r.text
+            assert [f.status for f in parse_frames(r.content)] == ["empty", "end"]
+            assert requests() == before, "no store request for a chunk no item reaches"
+            body = {"crs": "EPSG:3857", "chunks": [sea], "bidx": [9]}
+            assert_clear_error(httpx.post(server.url + "/chunks", json=body), 400, "bidx")
+            assert requests() > before, "bidx is checked against the first item's bands"
+        finally:
+            server.stop()

@@ -44,10 +44,12 @@ def supports(data: np.ndarray, dtype: np.dtype | None = None) -> bool:
 def encode_png(data: np.ndarray, alpha: np.ndarray) -> bytes:
     """(bands, h, w) data plus a (h, w) alpha (0 or the dtype's max) as a PNG with alpha."""
     bands, height, width = data.shape
-    pixels = np.concatenate([data, alpha[np.newaxis].astype(data.dtype)])
-    # samples interleaved per pixel, big-endian as PNG wants: (h, w * samples * bytes)
-    rows = np.ascontiguousarray(np.moveaxis(pixels, 0, -1).astype(data.dtype.newbyteorder(">")))
-    raw = rows.view(np.uint8).reshape(height, -1)
+    # samples interleaved per pixel, big-endian as PNG wants, written in one pass each (a
+    # concatenate, a transposed astype and a contiguous copy took 1.6 ms of a 1.9 ms tile)
+    pixels = np.empty((height, width, bands + 1), dtype=data.dtype.newbyteorder(">"))
+    pixels[..., :bands] = data.transpose(1, 2, 0)
+    pixels[..., bands] = alpha
+    raw = pixels.view(np.uint8).reshape(height, -1)  # (h, w * samples * bytes)
     filtered = np.empty((height, raw.shape[1] + 1), dtype=np.uint8)
     filtered[:, 0] = _UP
     filtered[0, 1:] = raw[0]
@@ -59,7 +61,7 @@ def encode_png(data: np.ndarray, alpha: np.ndarray) -> bytes:
         (
             _SIGNATURE,
             _chunk(b"IHDR", header),
-            _chunk(b"IDAT", isal_zlib.compress(filtered.tobytes(), LEVEL)),
+            _chunk(b"IDAT", isal_zlib.compress(filtered, LEVEL)),
             _chunk(b"IEND", b""),
         )
     )

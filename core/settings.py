@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     # Fetch stage
     fetch_concurrency: int = Field(64, ge=1, description="Store reads in flight, whole service.")
     request_concurrency: int = Field(8, ge=1, description="Items read at once for one request.")
+    read_concurrency: int = Field(
+        16,
+        ge=1,
+        description="Tile and area reads served at once; the others wait their turn, in order "
+        "(waiting costs no event-loop time). Raise it for stores slower than ~100 ms a request.",
+    )
     header_cache_size: int = Field(512, ge=1, description="Opened COG headers kept (LRU).")
     tile_cache_mb: int = Field(512, ge=0, description="Decoded COG tiles kept (LRU, by size).")
     max_read_mb: int = Field(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -201,3 +202,38 @@ async def test_multi_asset_band_stacking_and_bad_bidx(demo_catalog: Path) -> Non
     assert both.data.shape[0] == 4 and both.data.dtype == np.float32
     common = both.valid & visual.valid
     assert np.array_equal(both.data[:3, common], visual.data[:, common].astype("float32"))
+
+
+async def test_reads_beyond_read_concurrency_wait_their_turn(tmp_path: Path) -> None:
+    """At most `read_concurrency` reads run at once (their callbacks share one event loop);
+    the others wait in the "queue" stage and are served after, none lost."""
+    scenes = [{"id": "s0", "dtype": "uint8", "date": "2024-01-01"}]
+    cat = catalog(tmp_path, scenes)
+    store = FaultyStore(LocalStore(), delay=0.05)  # every store request takes 50 ms
+    fetcher = Fetcher(stores=Stores(lambda key: store), tile_cache_bytes=0)
+    engine = Engine(Settings(catalog=cat, compute_workers=1, read_concurrency=2), fetcher=fetcher)
+    running = peak = 0
+    inner = engine._read
+
+    async def counted(*args: object) -> object:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            return await inner(*args)  # type: ignore[arg-type]
+        finally:
+            running -= 1
+
+    engine._read = counted  # type: ignore[method-assign]
+    try:
+        t = centre_tile(13)
+        grid = tile_grid("WebMercatorQuad", t.z, t.x, t.y)
+        mosaics = await asyncio.gather(
+            *(engine.read(grid, SearchQuery(), ReadParams()) for _ in range(6))
+        )
+    finally:
+        engine.close()
+    assert peak == 2
+    assert all(m is not None and m.valid.any() for m in mosaics)
+    waited = sorted(m.clock.busy.get("queue", 0.0) for m in mosaics if m is not None)
+    assert waited[0] < 0.01 and waited[-1] >= 0.05, "the last reads waited for the first ones"

@@ -77,7 +77,8 @@ def warp_part(
             data, valid, src_transform, src_crs, transform, dst_crs, (h, w), resampling
         )
     # no stale values under the mask; in place: every kernel above returns arrays of its own
-    np.copyto(part, 0, where=~part_valid)
+    if not part_valid.all():
+        np.copyto(part, 0, where=~part_valid)
     return part.astype(data.dtype, copy=False), part_valid, (col, row, w, h)
 
 

@@ -72,3 +72,27 @@ def test_layers_arrive_as_their_windows() -> None:
     )
     assert data[0].tolist() == [[0, 7, 7], [0, 7, 7], [9, 9, 9]]
     assert valid.tolist() == [[False, True, True], [False, True, True], [True, True, True]]
+
+
+@pytest.mark.parametrize("method", ["first", "last"])
+def test_pasting_whole_valid_windows_equals_the_masked_paste(method: str) -> None:
+    """Fully valid layers take the plain-copy path; the result is the pixel-by-pixel rule
+    (first: the earliest layer valid there; last: the latest), checked on random windows."""
+    rng = np.random.default_rng(3)
+    shape = (40, 50)
+    layers = []
+    for n in range(12):
+        col, row = int(rng.integers(0, 45)), int(rng.integers(0, 35))
+        w, h = int(rng.integers(1, 51 - col)), int(rng.integers(1, 41 - row))
+        valid = np.ones((h, w), bool) if n % 2 else rng.random((h, w)) > 0.3
+        data = np.where(valid, rng.integers(1, 255, (2, h, w)), 0).astype("uint8")
+        layers.append((data, valid, (col, row, w, h)))
+    got, got_valid = mosaic(layers, method, shape)
+    want = np.zeros((2, *shape), "uint8")
+    want_valid = np.zeros(shape, bool)
+    for data, valid, (col, row, w, h) in layers if method == "last" else layers[::-1]:
+        win = np.s_[row : row + h, col : col + w]
+        want[(slice(None), *win)] = np.where(valid, data, want[(slice(None), *win)])
+        want_valid[win] |= valid
+    assert (got_valid == want_valid).all()
+    assert (got == want).all()

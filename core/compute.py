@@ -80,8 +80,9 @@ class Target:
 Layer = tuple[np.ndarray, np.ndarray, Window]  # pixels and validity of a window, the window
 
 
-def warp_one(source: Source, target: Target, resampling: str) -> Layer:
-    """Reproject one source window onto the target grid (only where it can land)."""
+def warp_one(source: Source, target: Target, resampling: str, memo: dict | None = None) -> Layer:
+    """Reproject one source window onto the target grid (only where it can land); `memo`
+    shares sampling indexes between the sources of one job (core.warp.warp_part)."""
     return warp_part(
         source.data,
         source.valid,
@@ -92,6 +93,7 @@ def warp_one(source: Source, target: Target, resampling: str) -> Layer:
         (target.height, target.width),
         source.dst_window,
         resampling,
+        memo,
     )
 
 
@@ -129,7 +131,8 @@ def warp_item(
     `unscale` is (scale, offset) per stacked band: applied after warping, in float32, the way
     rio-tiler does (its kernels run on the stored values), before any mosaic; then the
     item's `steps` (core.process: bidx's selection, an expression)."""
-    parts = [warp_one(s, target, resampling) for s in sources]
+    memo: dict = {}  # assets on one grid (a COG per band) share their sampling index
+    parts = [warp_one(s, target, resampling, memo) for s in sources]
     window = _union([w for _, _, w in parts])
     if len(parts) == 1:  # one asset: its layer as it is (concatenate would copy it)
         data, valid, _ = parts[0]

@@ -59,18 +59,29 @@ def warp_part(
     dst_shape: tuple[int, int],
     window: Window | None,
     resampling: str,
+    memo: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray, Window]:
     """`warp`, returning only the window's pixels (zero where not valid) and the window: an
-    item covering a sliver of a chunk sends back the sliver, not a chunk-sized layer."""
+    item covering a sliver of a chunk sends back the sliver, not a chunk-sized layer.
+
+    `memo` keeps the nearest kernel's sampling index between calls (one job's assets): the
+    bands of an item stored as one COG per band (Sentinel-2's B04, B03, B02) share a grid, and
+    their index is the same."""
     height, width = dst_shape
     col, row, w, h = window or (0, 0, width, height)
     offset = aligned(src_transform, src_crs, dst_transform, dst_crs, col, row)
     if resampling == "nearest" and offset is not None:
         part, part_valid = _copy(data, valid, offset, (h, w))
     elif resampling == "nearest" and w * h <= NUMPY_NEAREST_MAX_PIXELS:
-        part, part_valid = _nearest(
-            data, valid, src_transform, src_crs, dst_transform, dst_crs, width, (col, row, w, h)
-        )
+        key = (src_transform, src_crs, dst_transform, dst_crs, width, (col, row, w, h), valid.shape)
+        index = None if memo is None else memo.get(key)
+        if index is None:
+            index = nearest_index(
+                src_transform, src_crs, dst_transform, dst_crs, width, (col, row, w, h), valid.shape
+            )
+            if memo is not None:
+                memo[key] = index
+        part, part_valid = _sample(data, valid, index, (h, w))
     else:
         transform = dst_transform @ Affine.translation(col, row)
         part, part_valid = _gdal(
@@ -149,25 +160,38 @@ def _gdal(
     return dst[:bands], dst[bands] > 0
 
 
-def _nearest(
-    data: np.ndarray,
-    valid: np.ndarray,
+def nearest_index(
     src_transform: Affine,
     src_crs: str,
     dst_transform: Affine,
     dst_crs: str,
     grid_width: int,
     window: Window,
+    src_shape: tuple[int, int],
 ) -> tuple[np.ndarray, np.ndarray]:
+    """For each pixel of the window, the flat index of its nearest source pixel (0 outside
+    the source) and whether it is inside: GDAL's approximate transform, then floor."""
     col, row, w, h = window
     exact = pixel_transform(src_transform, src_crs, dst_transform, dst_crs)
     # Whole grid rows, as GDAL transforms them (the approximation depends on the row span).
     cols, rows = approx_rows(exact, grid_width, np.arange(row, row + h) + 0.5)
     cols = np.floor(cols[:, col : col + w] + 1e-10)
     rows = np.floor(rows[:, col : col + w] + 1e-10)
-    src_h, src_w = valid.shape
+    src_h, src_w = src_shape
     inside = (cols >= 0) & (cols < src_w) & (rows >= 0) & (rows < src_h)
     flat = np.where(inside, rows * src_w + cols, 0).astype(np.intp).ravel()
+    return flat, inside
+
+
+def _sample(
+    data: np.ndarray,
+    valid: np.ndarray,
+    index: tuple[np.ndarray, np.ndarray],
+    shape: tuple[int, int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The source pixels at a `nearest_index`: (bands, h, w) and their validity."""
+    flat, inside = index
+    h, w = shape
     out_valid = inside & valid.ravel().take(flat).reshape(h, w)
     out = data.reshape(data.shape[0], -1).take(flat, axis=1).reshape(-1, h, w)
     return out, out_valid

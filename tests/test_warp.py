@@ -112,3 +112,24 @@ def test_a_gridaligned_to_the_source_is_a_copy_equal_to_gdals_nearest(
     half = SRC * Affine.translation(0.5, 0)  # half a pixel off: not a copy
     assert aligned(SRC, "EPSG:32632", half, "EPSG:32632", 0, 0) is None
     assert aligned(SRC, "EPSG:32632", dst, "EPSG:32633", 0, 0) is None
+
+
+def test_assets_on_one_grid_share_one_sampling_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An item stored as one COG per band (B04, B03, B02 on one grid) warps as its three-band
+    equivalent would, computing the nearest kernel's sampling index once for the job."""
+    import core.warp
+    from core.compute import Source, Target, warp_item
+
+    data = RNG.integers(1, 255, (3, 400, 400), dtype=np.uint8)
+    valid = RNG.random((400, 400)) > 0.05
+    target = Target("EPSG:3857", (76.4, 0, 1042000, 0, -76.4, 5615000), 256, 256)
+    bands = [Source(data[i : i + 1], valid, tuple(SRC)[:6], "EPSG:32632") for i in range(3)]
+    whole = Source(data, valid, tuple(SRC)[:6], "EPSG:32632")
+    computed = []
+    real = core.warp.nearest_index
+    monkeypatch.setattr(core.warp, "nearest_index", lambda *a: computed.append(a) or real(*a))
+    split, split_valid, window = warp_item(bands, target, "nearest")
+    assert len(computed) == 1
+    one, one_valid, one_window = warp_item([whole], target, "nearest")
+    assert window == one_window and split_valid.any()
+    assert (split == one).all() and (split_valid == one_valid).all()

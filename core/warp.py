@@ -73,15 +73,19 @@ def warp_part(
     if resampling == "nearest" and offset is not None:
         part, part_valid = _copy(data, valid, offset, (h, w))
     elif resampling == "nearest" and w * h <= NUMPY_NEAREST_MAX_PIXELS:
-        key = (src_transform, src_crs, dst_transform, dst_crs, width, (col, row, w, h), valid.shape)
-        index = None if memo is None else memo.get(key)
-        if index is None:
-            index = nearest_index(
-                src_transform, src_crs, dst_transform, dst_crs, width, (col, row, w, h), valid.shape
-            )
-            if memo is not None:
-                memo[key] = index
-        part, part_valid = _sample(data, valid, index, (h, w))
+        key = (  # nearest_index's arguments: the same for assets on one grid
+            src_transform,
+            src_crs,
+            dst_transform,
+            dst_crs,
+            width,
+            (col, row, w, h),
+            valid.shape,
+        )
+        memo = {} if memo is None else memo
+        if key not in memo:
+            memo[key] = nearest_index(*key)
+        part, part_valid = _sample(data, valid, memo[key], (h, w))
     else:
         transform = dst_transform @ Affine.translation(col, row)
         part, part_valid = _gdal(
@@ -96,7 +100,7 @@ def warp_part(
 def aligned(
     src: Affine, src_crs: str, dst: Affine, dst_crs: str, col: int, row: int
 ) -> tuple[int, int] | None:
-    """The source (col, row) under the window's first pixel when both grids are the same
+    """The source (col, row) under the window's first pixel when both key are the same
     (same CRS, north-up, same pixel size, offset by whole pixels), else None: then nearest
     is a copy (what GDAL's and the numpy kernel's nearest give there, without either)."""
     if src_crs != dst_crs or src.b or src.d or dst.b or dst.d:

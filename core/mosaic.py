@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from core.masked import put
+
 
 class MosaicMethod:
     """Base: feed (bands, h, w) data with an (h, w) validity mask, then take the result.
@@ -70,7 +72,7 @@ class Paste:
             here[...] = True
             return
         take = valid & ~here if self.first else valid
-        np.copyto(target, data, where=take)
+        put(target, data, take)
         here |= take
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import numpy as np
 from affine import Affine
 
+from core.masked import zero_outside, zeroed
 from core.plan import transformer
 
 MAX_ERROR = 0.125  # GDAL's default approximation error, in source pixels
@@ -71,8 +72,8 @@ def warp_part(
     col, row, w, h = window or (0, 0, width, height)
     offset = aligned(src_transform, src_crs, dst_transform, dst_crs, col, row)
     if resampling == "nearest" and offset is not None:
-        part, part_valid = _copy(data, valid, offset, (h, w))
-    elif resampling == "nearest" and w * h <= NUMPY_NEAREST_MAX_PIXELS:
+        return _copy(data, valid, offset, (col, row, w, h))  # zero where not valid already
+    if resampling == "nearest" and w * h <= NUMPY_NEAREST_MAX_PIXELS:
         key = (  # nearest_index's arguments: the same for assets on one grid
             src_transform,
             src_crs,
@@ -91,9 +92,9 @@ def warp_part(
         part, part_valid = _gdal(
             data, valid, src_transform, src_crs, transform, dst_crs, (h, w), resampling
         )
-    # no stale values under the mask; in place: every kernel above returns arrays of its own
+    # no stale values under the mask; in place: both kernels above return arrays of their own
     if not part_valid.all():
-        np.copyto(part, 0, where=~part_valid)
+        zero_outside(part, part_valid)
     return part.astype(data.dtype, copy=False), part_valid, (col, row, w, h)
 
 
@@ -115,21 +116,26 @@ def aligned(
 
 
 def _copy(
-    data: np.ndarray, valid: np.ndarray, offset: tuple[int, int], shape: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """The (h, w) block of the source starting at `offset` (outside it: not valid)."""
-    h, w = shape
+    data: np.ndarray, valid: np.ndarray, offset: tuple[int, int], window: Window
+) -> tuple[np.ndarray, np.ndarray, Window]:
+    """The block of the source under `window` when the source's pixel (0, 0) is at `offset`
+    from the window's first pixel, zero where not valid, with the part of the window it fills
+    (the window less any rows and columns beyond the source). A block valid throughout is
+    returned as views: a chunk read on the COGs' own grid copies its pixels once, into the
+    mosaic."""
+    col, row, w, h = window
     x0, y0 = offset
     src_h, src_w = valid.shape
-    out = np.zeros((data.shape[0], h, w), dtype=data.dtype)
-    out_valid = np.zeros((h, w), dtype=bool)
     sx0, sy0 = max(x0, 0), max(y0, 0)
     sx1, sy1 = min(x0 + w, src_w), min(y0 + h, src_h)
-    if sx1 > sx0 and sy1 > sy0:
-        dx, dy = sx0 - x0, sy0 - y0
-        out[:, dy : dy + sy1 - sy0, dx : dx + sx1 - sx0] = data[:, sy0:sy1, sx0:sx1]
-        out_valid[dy : dy + sy1 - sy0, dx : dx + sx1 - sx0] = valid[sy0:sy1, sx0:sx1]
-    return out, out_valid
+    if sx1 <= sx0 or sy1 <= sy0:  # the source is not under the window at all
+        empty = np.zeros((data.shape[0], h, w), dtype=data.dtype)
+        return empty, np.zeros((h, w), dtype=bool), window
+    block = data[:, sy0:sy1, sx0:sx1]
+    block_valid = valid[sy0:sy1, sx0:sx1]
+    if not block_valid.all():
+        block = zeroed(block, block_valid)
+    return block, block_valid, (col + sx0 - x0, row + sy0 - y0, sx1 - sx0, sy1 - sy0)
 
 
 def _gdal(

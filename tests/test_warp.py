@@ -133,3 +133,37 @@ def test_assets_on_one_grid_share_one_sampling_index(monkeypatch: pytest.MonkeyP
     one, one_valid, one_window = warp_item([whole], target, "nearest")
     assert window == one_window and split_valid.any()
     assert (split == one).all() and (split_valid == one_valid).all()
+
+
+def test_copy_on_the_sources_grid() -> None:
+    """Nearest on the source's own grid is a copy: views of a block valid throughout (no
+    pixel copied before the mosaic), a zeroed copy where not (the input left as it was), and
+    the window trimmed to the part the source fills."""
+    from core.warp import warp_part
+
+    data = RNG.integers(1, 255, (3, 64, 64), dtype=np.uint8)
+    valid = np.ones((64, 64), dtype=bool)
+    valid[:10, :10] = False
+    dst = SRC * Affine.translation(16, 16)  # the grid's pixel (0, 0) is the source's (16, 16)
+    args = (SRC, "EPSG:32632", dst, "EPSG:32632", (64, 64))
+
+    part, part_valid, window = warp_part(data, valid, *args, (0, 0, 32, 32), "nearest")
+    assert window == (0, 0, 32, 32) and part_valid.all()
+    assert np.shares_memory(part, data) and np.array_equal(part, data[:, 16:48, 16:48])
+
+    before = data.copy()
+    dst = SRC * Affine.translation(4, 4)
+    part, part_valid, _ = warp_part(
+        data, valid, *args[:2], dst, *args[3:], (0, 0, 32, 32), "nearest"
+    )
+    assert not np.shares_memory(part, data) and np.array_equal(data, before)
+    assert np.array_equal(part_valid, valid[4:36, 4:36])
+    assert (part[:, ~part_valid] == 0).all()
+    assert np.array_equal(part[:, part_valid], data[:, 4:36, 4:36][:, part_valid])
+
+    dst = SRC * Affine.translation(48, 48)  # half the window beyond the source's edge
+    part, part_valid, _ = warp_part(
+        data, valid, *args[:2], dst, *args[3:], (0, 0, 32, 32), "nearest"
+    )
+    assert part_valid[:16, :16].all() and not part_valid[16:, :].any()
+    assert (part[:, 16:, :] == 0).all() and np.array_equal(part[:, :16, :16], data[:, 48:, 48:])

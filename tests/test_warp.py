@@ -167,3 +167,33 @@ def test_copy_on_the_sources_grid() -> None:
     )
     assert part_valid[:16, :16].all() and not part_valid[16:, :].any()
     assert (part[:, 16:, :] == 0).all() and np.array_equal(part[:, :16, :16], data[:, 48:, 48:])
+
+
+def test_approx_rows_writes_every_point(monkeypatch: pytest.MonkeyPatch) -> None:
+    """approx_rows allocates its outputs unfilled: every point must be written, interpolated
+    or transformed, for any pair of CRSs and grid (memory poisoned to catch one missed)."""
+    poison = 1.2345e300
+    empty = np.empty
+
+    def poisoned(*args: object, **kwargs: object) -> np.ndarray:
+        out = empty(*args, **kwargs)
+        if out.dtype == np.float64:
+            out.fill(poison)
+        return out
+
+    monkeypatch.setattr(np, "empty", poisoned)
+    rng = np.random.default_rng(7)
+    crss = ["EPSG:32632", "EPSG:32633", "EPSG:3857", "EPSG:4326", "EPSG:3031", "EPSG:32601"]
+    for _ in range(150):
+        src_crs, dst_crs = (crss[i] for i in rng.choice(len(crss), 2))
+        degrees = dst_crs == "EPSG:4326"
+        res = float(10 ** rng.uniform(-5, -1) if degrees else 10 ** rng.uniform(0, 4))
+        x0 = rng.uniform(-180, 180) if degrees else rng.uniform(-2e7, 2e7)
+        y0 = rng.uniform(-85, 85) if degrees else rng.uniform(-1e7, 1e7)
+        src = Affine(0.001, 0, 9, 0, -0.001, 46) if src_crs == "EPSG:4326" else SRC
+        exact = pixel_transform(src, src_crs, Affine(res, 0, x0, 0, -res, y0), dst_crs)
+        width, height = int(rng.integers(1, 700)), int(rng.integers(1, 40))
+        with np.errstate(all="ignore"):
+            cols, rows = approx_rows(exact, width, np.arange(height) + 0.5)
+        assert cols.shape == rows.shape == (height, width)
+        assert not (cols == poison).any() and not (rows == poison).any()

@@ -44,6 +44,7 @@ import numpy as np
 from affine import Affine
 
 from core import faults, process
+from core.allocator import keep_freed_memory
 from core.mosaic import METHODS, Paste
 from core.plan import AssetRead
 from core.process import Process
@@ -407,9 +408,11 @@ def _worker_main(
     conn: multiprocessing.connection.Connection,
     modules: tuple[str, ...],
     arena: tuple[str, int] | None = None,
+    malloc: tuple[int, int] = (0, 0),
 ) -> None:
     """A compute worker: read a job from its own pipe, run it, write the reply; until EOF.
-    `arena` names its slot's shared memory (`_Arena`) and its size, if it has one.
+    `arena` names its slot's shared memory (`_Arena`) and its size, if it has one; `malloc`
+    its allocator's thresholds (`core.allocator`: a warp's arrays reuse freed memory).
 
     Workers run at a lower CPU priority: when cores are short, the event loop (and the fetches
     it drives) go first, so latency stays low and the loop never starves. SIGINT is ignored:
@@ -417,6 +420,7 @@ def _worker_main(
     pipe closes, or the server kills them)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.nice(10)
+    keep_freed_memory(*malloc)
     injected = faults.ComputeFault.from_env()
     shared = _Arena.attach(*arena) if arena is not None else None
     _send(conn, _pack(_warm(modules)))  # ready: imports done
@@ -497,6 +501,7 @@ class _Worker:
                 child,
                 self.pool._modules,
                 (self.arena.name, self.arena.size) if self.arena is not None else None,
+                self.pool.malloc,
             ),
             name=f"terrazzo-compute-{self.index}",
             daemon=True,
@@ -702,10 +707,13 @@ class ComputePool:
         abandon_grace: float = 2.0,
         start_timeout: float = 60.0,
         arena_mb: int = 64,
+        malloc: tuple[int, int] = (0, 0),
     ) -> None:
         """`arena_mb`: shared memory per worker for the arrays of a job and its result (see
-        `_Arena`; 0: every array goes through the worker's pipe)."""
+        `_Arena`; 0: every array goes through the worker's pipe). `malloc`: each worker's
+        (trim, mmap) thresholds in MB (`core.allocator`; 0: glibc's default)."""
         self.workers = workers
+        self.malloc = malloc
         self.arena_bytes = arena_mb << 20
         self.job_timeout = job_timeout
         self.abandon_grace = abandon_grace

@@ -21,6 +21,7 @@ import shapely
 from core import compute
 from core.access import AccessPolicy, audit, is_url, remote_prefix
 from core.algorithms import for_grid
+from core.allocator import keep_freed_memory
 from core.catalog import Catalog, CatalogBackend, SearchQuery, SearchResult
 from core.compute import ComputePool, Source, Target
 from core.fetch import Fetcher
@@ -145,7 +146,11 @@ class Engine:
         if catalog is None and settings.catalog is None:
             raise ValueError("no catalog: pass --catalog PATH or set TERRAZZO_CATALOG")
         self.settings = settings
-        self.compute = ComputePool(settings.compute_workers, arena_mb=settings.compute_arena_mb)
+        malloc = (settings.malloc_trim_mb, settings.malloc_mmap_mb)
+        keep_freed_memory(*malloc)  # this process; the workers set it themselves
+        self.compute = ComputePool(
+            settings.compute_workers, arena_mb=settings.compute_arena_mb, malloc=malloc
+        )
         self._reads = asyncio.Semaphore(settings.read_concurrency)  # see `read`
         self._warming: concurrent.futures.Future[list[int]] | None = None
         if warm is not None:

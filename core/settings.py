@@ -94,6 +94,17 @@ class Settings(BaseSettings):
         ge=0,
         description="Shared memory per compute worker for the arrays of a job, MiB (0: by pipe).",
     )
+    malloc_trim_mb: int = Field(
+        64,
+        ge=0,
+        description="Free heap each process keeps for the next arrays, MiB (glibc; 0: default).",
+    )
+    malloc_mmap_mb: int = Field(
+        16,
+        ge=0,
+        le=32,
+        description="Arrays up to this size reuse heap memory, MiB (glibc; 0: default).",
+    )
 
     # Request limits
     max_tilesize: int = Field(1024, ge=64, description="Largest tilesize a tile request may ask.")

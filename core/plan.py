@@ -52,6 +52,25 @@ def reproject_bounds(bounds: Bounds, src: str, dst: str) -> Bounds:
     return transformer(src, dst).transform_bounds(*bounds, densify_pts=21)
 
 
+MERCATOR_RADIUS = 6378137.0  # EPSG:3857's sphere
+
+
+def mercator_lonlat(bounds: Bounds) -> Bounds:
+    """Web Mercator bounds in lon/lat, in closed form: longitude depends on x alone and
+    latitude on y alone, both increasing, so the corners are the extent (what PROJ's
+    densified transform_bounds gives, to 1e-9 degree). Why: every web tile's search asks for
+    it, and pyproj releases the GIL for the call: on the event loop, getting it back behind
+    the decode, encode and search threads cost more than the transform."""
+    left, bottom, right, top = bounds
+    degrees = 180.0 / math.pi
+    return (
+        left / MERCATOR_RADIUS * degrees,
+        math.atan(math.sinh(bottom / MERCATOR_RADIUS)) * degrees,
+        right / MERCATOR_RADIUS * degrees,
+        math.atan(math.sinh(top / MERCATOR_RADIUS)) * degrees,
+    )
+
+
 def pixel_window(
     bounds: Bounds, transform: Affine, width: int, height: int, margin: int
 ) -> tuple[int, int, int, int] | None:
@@ -114,6 +133,8 @@ class Grid:
 
     def lonlat_bounds(self) -> Bounds:
         """The grid's extent in lon/lat (densified edges), for the catalog's bbox columns."""
+        if self.crs == "EPSG:3857":
+            return mercator_lonlat(self.bounds)
         return reproject_bounds(self.bounds, self.crs, "EPSG:4326")
 
     def to_dict(self) -> dict[str, Any]:

@@ -125,3 +125,26 @@ def test_tile_grid_webmercator_and_geographic() -> None:
 def test_tile_errors_say_what_is_wrong(tms: str, z: int, x: int, y: int, needle: str) -> None:
     with pytest.raises(TileError, match=needle):
         tile_grid(tms, z, x, y)
+
+
+def test_web_mercator_lonlat_bounds_are_projs() -> None:
+    """The closed form for EPSG:3857 grids gives PROJ's densified transform_bounds (to 1e-9
+    degree) from z0 (the whole world) to z22, so every tile's search asks the same bbox."""
+    import random
+
+    import morecantile
+
+    from core.plan import Grid, mercator_lonlat, reproject_bounds
+
+    tms = morecantile.tms.get("WebMercatorQuad")
+    rng = random.Random(3)
+    for _ in range(2000):
+        z = rng.randint(0, 22)
+        x, y = rng.randrange(2**z), rng.randrange(2**z)
+        bounds = tuple(tms.xy_bounds(x, y, z))
+        ours = mercator_lonlat(bounds)
+        proj = reproject_bounds(bounds, "EPSG:3857", "EPSG:4326")
+        assert max(abs(a - b) for a, b in zip(ours, proj, strict=True)) < 1e-9, (z, x, y)
+    grid = Grid.from_bounds("EPSG:3857", tuple(tms.xy_bounds(0, 0, 0)), 256, 256)
+    assert grid.lonlat_bounds() == mercator_lonlat(grid.bounds)
+    assert abs(grid.lonlat_bounds()[3] - 85.0511287798) < 1e-9

@@ -84,3 +84,26 @@ async def test_scattered_chunks_are_not_searched_as_one(
         engine.close()
     assert len(results) == 2
     assert len(queries) == 2, queries
+
+
+async def test_the_requests_check_runs_sql_only_when_it_can_refuse(
+    demo_catalog: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """POST /chunks' up-front check: no filter and the default order can refuse nothing, so
+    it runs no query; an unknown sortby field or a bad filter still fails there, once."""
+    from core.catalog import SearchError
+    from core.filters import FilterError
+    from core.filters import parse as parse_filter
+
+    engine = Engine(Settings(catalog=demo_catalog, compute_workers=1))
+    try:
+        queries = _count_queries(engine, monkeypatch)
+        await engine.check(SearchQuery(), ReadParams(), headers=False)
+        assert queries == []
+        with pytest.raises((SearchError, FilterError)):
+            await engine.check(SearchQuery(sortby=("nosuchfield",)), ReadParams(), headers=False)
+        bad = parse_filter("nosuchcolumn = 3")
+        with pytest.raises((SearchError, FilterError)):
+            await engine.check(SearchQuery(filter=bad), ReadParams(), headers=False)
+    finally:
+        engine.close()

@@ -8,9 +8,9 @@ in again, zeroed by the kernel. Measured: a 256² web tile's sampling index and 
 432 page faults and 1.9-2.0 ms per call, 0.8-0.9 ms with the thresholds below (no fault);
 the demo tile load, side by side, 10.18 -> 8.54 ms CPU per tile.
 
-The cost is memory held: a process keeps up to TRIM_MB of free heap at the top, and blocks up
-to MMAP_MB come from the heap (glibc's own ceiling for the dynamic threshold is 32 MB). Both
-are settings (`malloc_trim_mb`, `malloc_mmap_mb`; 0 leaves glibc's defaults). Other C
+The cost is memory held: a process keeps up to `malloc_trim_mb` of free heap at the top, and
+blocks up to `malloc_mmap_mb` come from the heap (glibc's own ceiling for the dynamic threshold
+is 32 MB). Both are settings (64 and 16 MB; 0 leaves glibc's default). Other C
 libraries (macOS, musl) are left alone.
 """
 
@@ -29,7 +29,8 @@ MMAP_MAX_MB = 32  # glibc refuses an mmap threshold above HEAP_MAX_SIZE / 2 on 6
 
 def keep_freed_memory(trim_mb: int, mmap_mb: int) -> bool:
     """Set this process's trim and mmap thresholds (MB; 0: leave that one alone). True when
-    glibc took them. Children forked from here (the compute workers) inherit them."""
+    glibc took them. A process forked from this one inherits them; the compute workers are
+    forked from a forkserver that was exec'd, so each worker sets them itself."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:

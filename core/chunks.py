@@ -30,11 +30,11 @@ from core.plan import Grid, ItemRead, ReadPlan, describe_error
 from core.statistics import StatsOptions, area_statistics
 from core.timing import StageClock
 
+log = logging.getLogger("terrazzo.chunks")
+
 # time axes: one layer per label. odc-stac's spellings too: time (= datetime), id (= item),
 # solar_day (the local solar date at the item's longitude: one pass of a sun-synchronous
 # satellite is one layer, even when it crosses UTC midnight)
-log = logging.getLogger("terrazzo.chunks")
-
 GROUP_BY = ("day", "month", "year", "datetime", "item", "time", "id", "solar_day")
 
 

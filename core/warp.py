@@ -101,7 +101,7 @@ def warp_part(
 def aligned(
     src: Affine, src_crs: str, dst: Affine, dst_crs: str, col: int, row: int
 ) -> tuple[int, int] | None:
-    """The source (col, row) under the window's first pixel when both key are the same
+    """The source (col, row) under the window's first pixel when both grids are the same
     (same CRS, north-up, same pixel size, offset by whole pixels), else None: then nearest
     is a copy (what GDAL's and the numpy kernel's nearest give there, without either)."""
     if src_crs != dst_crs or src.b or src.d or dst.b or dst.d:
